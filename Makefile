@@ -1,0 +1,35 @@
+# Two commands from a fresh clone: `make demo` and `make test`. Each creates .venv and
+# installs what it needs; a second install is a quick no-op (stamp files keyed on pyproject).
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+DEMO_CLUSTER := cluster_configs/local/three-region.yaml
+
+.PHONY: demo test bench install clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+# torch is pinned in pyproject (2.13.0): pip takes the CPU build, never a multi-GB CUDA one.
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-dev: pyproject.toml $(VENV)/.installed
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: $(VENV)/.installed
+	$(BIN)/python -m mlplatform.demo --cluster $(DEMO_CLUSTER)
+
+test: $(VENV)/.installed-dev
+	$(BIN)/python -m pytest tests
+
+bench: $(VENV)/.installed-dev
+	$(BIN)/python tests/benchmarks/run_all.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info platform/*.egg-info

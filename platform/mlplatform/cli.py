@@ -1,0 +1,199 @@
+"""The `mlplatform` command: one dispatch table from verbs to library functions.
+
+Handlers import what they need when they run, so `--help` at every level and spec
+validation answer without importing Ray or torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Command:
+    """One verb: its handler, help line and arguments (argparse flags → kwargs)."""
+
+    handler: Callable[[argparse.Namespace], int | None]
+    help: str
+    args: tuple[tuple[tuple[str, ...], dict[str, Any]], ...] = field(default_factory=tuple)
+
+
+def arg(*flags: str, **kwargs: Any) -> tuple[tuple[str, ...], dict[str, Any]]:
+    return flags, kwargs
+
+
+_NAME = arg("--name", help="Cluster name (default: the only running local cluster).")
+_CONFIG = arg("--config", required=True, metavar="PATH", help="Cluster spec YAML, e.g. cluster_configs/local/dev.yaml.")
+
+
+# --- handlers: thin adapters from flags to library calls -------------------------------
+
+
+def _cluster_up(a: argparse.Namespace) -> None:
+    from mlplatform import cluster, config
+
+    spec = config.load(a.config, cluster.ClusterSpec)
+    print(f"Starting '{spec.name}': head + {sum(g.count for g in spec.worker_groups)} worker node(s)...", flush=True)
+    running = cluster.up(spec, a.config, timeout_s=a.timeout)
+    _print_nodes(cluster.inventory(spec.name))
+    print(f"\nDashboard: {running.dashboard_url}  (log in with `mlplatform cluster token`)")
+    print(f"Address:   {running.gcs_address}  (token auth on)")
+    print('Point `ray` / `ray job submit` at it:  eval "$(mlplatform cluster env)"')
+
+
+def _cluster_down(a: argparse.Namespace) -> None:
+    from mlplatform import cluster
+
+    stopped = cluster.down(a.name)
+    print(f"Stopped '{stopped.name}': {len(stopped.nodes)} node(s).")
+
+
+def _cluster_status(a: argparse.Namespace) -> None:
+    from mlplatform import cluster
+
+    running = cluster.find(a.name)
+    print(f"Cluster '{running.name}'  address {running.gcs_address}  dashboard {running.dashboard_url}")
+    _print_nodes(cluster.inventory(running.name))
+
+
+def _cluster_env(a: argparse.Namespace) -> None:
+    from mlplatform import cluster
+
+    for key, value in cluster.cluster_env(a.name).items():
+        print(f"export {key}={value}")
+
+
+def _cluster_token(a: argparse.Namespace) -> None:
+    from mlplatform import cluster
+
+    print(cluster.find(a.name).token())
+
+
+def _validate(a: argparse.Namespace) -> int:
+    from mlplatform import config, spec_kinds
+    from mlplatform.errors import PlatformError, SpecError
+
+    failed = 0
+    for path in a.paths:
+        kind = a.kind or spec_kinds.kind_of(path)
+        if kind is None:
+            raise SpecError(
+                f"{path}: cannot tell what kind of spec this is from where it sits; "
+                f"pass --kind ({', '.join(spec_kinds.KINDS)})."
+            )
+        try:
+            config.load(path, spec_kinds.model_for(kind))
+            print(f"ok  {path} ({kind})")
+        except PlatformError as e:
+            failed += 1
+            print(f"error: {e}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _print_nodes(nodes: Sequence[Any]) -> None:
+    rows = [
+        [
+            n.name + (" (head)" if n.is_head else ""),
+            n.group,
+            n.region,
+            n.zone,
+            n.market,
+            _resources(n.resources),
+            "yes" if n.alive else "NO",
+        ]
+        for n in nodes
+    ]
+    print(table(["NODE", "GROUP", "REGION", "ZONE", "MARKET", "RESOURCES", "ALIVE"], rows))
+
+
+def _resources(resources: Any) -> str:
+    gib = 2**30
+    parts = [f"CPU={resources.get('CPU', 0):g}"]
+    if resources.get("GPU"):
+        parts.append(f"GPU={resources['GPU']:g}")
+    parts.append(f"mem={resources.get('memory', 0) / gib:.1f}G")
+    parts += [f"{k}={v:g}" for k, v in sorted(resources.items()) if k not in {"CPU", "GPU", "memory", "object_store_memory"}]
+    return " ".join(parts)
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A plain left-aligned text table."""
+    cells = [list(map(str, headers))] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells)
+
+
+# --- the dispatch table ------------------------------------------------------------
+
+COMMANDS: dict[tuple[str, ...], Command] = {
+    ("cluster", "up"): Command(
+        _cluster_up,
+        "Start a local multi-node Ray cluster from a spec (token auth on).",
+        (_CONFIG, arg("--timeout", type=float, default=120.0, help="Seconds to wait for each node (default 120).")),
+    ),
+    ("cluster", "down"): Command(_cluster_down, "Stop exactly the nodes `up` started.", (_NAME,)),
+    ("cluster", "status"): Command(_cluster_status, "Table of the cluster's nodes: group, region, market, resources.", (_NAME,)),
+    ("cluster", "env"): Command(
+        _cluster_env, 'Shell exports for `ray`, `ray job submit` and ray.init(): eval "$(mlplatform cluster env)".', (_NAME,)
+    ),
+    ("cluster", "token"): Command(_cluster_token, "Print the cluster's auth token (the dashboard asks for it).", (_NAME,)),
+    ("validate",): Command(
+        _validate,
+        "Validate spec YAML files against their models; every problem is listed.",
+        (
+            arg("paths", nargs="+", metavar="PATH", help="Spec files."),
+            arg("--kind", help="Spec kind when it cannot be told from the path."),
+        ),
+    ),
+}
+
+GROUP_HELP = {"cluster": "Local Ray clusters: up, down, status, env, token."}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mlplatform", description="Ray-based ML platform: train, tune, serve, within residency rules.")
+    parser.add_argument("--debug", action="store_true", help="Show full tracebacks on errors.")
+    top = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    groups: dict[str, Any] = {}
+    for path, command in COMMANDS.items():
+        if len(path) == 1:
+            sub = top.add_parser(path[0], help=command.help, description=command.help)
+        else:
+            if path[0] not in groups:
+                group = top.add_parser(path[0], help=GROUP_HELP[path[0]], description=GROUP_HELP[path[0]])
+                groups[path[0]] = group.add_subparsers(dest="verb", metavar="VERB", required=True)
+            sub = groups[path[0]].add_parser(path[1], help=command.help, description=command.help)
+        for flags, kwargs in command.args:
+            sub.add_argument(*flags, **kwargs)
+        sub.set_defaults(handler=command.handler)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `mlplatform` console script."""
+    args = build_parser().parse_args(argv)
+    from mlplatform.errors import PlatformError
+
+    try:
+        return args.handler(args) or 0
+    except PlatformError as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - the last line of defence for a CLI
+        if args.debug:
+            raise
+        print(f"error: unexpected {type(e).__name__}: {e} (rerun with --debug for the traceback)", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

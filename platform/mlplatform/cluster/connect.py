@@ -1,0 +1,58 @@
+"""Connect a process to a cluster with its token, so users never handle Ray's auth by hand."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from mlplatform.cluster import local
+
+
+def cluster_env(name: str | None = None) -> dict[str, str]:
+    """The variables that point Ray's CLI, job API and `ray.init()` at local cluster `name`."""
+    return local.find(name).env()
+
+
+def connect(name: str | None = None, **ray_init_kwargs: Any) -> Any:
+    """`ray.init()` against a cluster, token authentication included.
+
+    Which cluster: the local cluster `name` if given; otherwise the cluster named by
+    RAY_ADDRESS (set inside a Ray job, or exported for KubeRay / VM clusters);
+    otherwise the only running local cluster. Returns what `ray.init` returns.
+
+    Raises:
+        ClusterNotRunning: no cluster matches.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return ray.get_runtime_context()
+    if name is None and os.environ.get("RAY_ADDRESS"):
+        address = os.environ["RAY_ADDRESS"]
+        if "RAY_AUTH_MODE" not in os.environ and _token_available():
+            os.environ["RAY_AUTH_MODE"] = "token"
+    else:
+        cluster = local.find(name)
+        os.environ.update(cluster.env())
+        address = cluster.gcs_address
+    _reload_ray_auth_settings()
+    ray_init_kwargs.setdefault("logging_level", "WARNING")
+    return ray.init(address=address, **ray_init_kwargs)
+
+
+def _token_available() -> bool:
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return True
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token"
+    return Path(path).is_file()
+
+
+def _reload_ray_auth_settings() -> None:
+    # Ray reads RAY_AUTH_MODE and the token once per process and caches both; after
+    # changing the environment this process must re-read them (Ray's own
+    # `_enable_token_auth` does the same).
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()

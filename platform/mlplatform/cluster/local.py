@@ -1,0 +1,473 @@
+"""Local multi-node Ray clusters on one machine, started with `ray start`.
+
+Each node is one `ray start --block` process in a process group of its own: Ray makes
+it the group leader and its reaper takes the node's raylet, agents and workers down
+with it, so stopping a node is signalling exactly that group. `up` records every
+group it started (pid and start time, so a reused pid is never signalled) in
+<MLPLATFORM_HOME>/clusters/<name>/state.json; `down` stops exactly those.
+
+Token authentication is always on: `up` writes a fresh token (mode 0600) beside the
+state and starts every node with RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from mlplatform.cluster.spec import (
+    GROUP_LABEL,
+    MARKET_LABEL,
+    REGION_LABEL,
+    ZONE_LABEL,
+    ClusterSpec,
+    NodeGroup,
+)
+from mlplatform.errors import (
+    ClusterAlreadyRunning,
+    ClusterError,
+    ClusterNotRunning,
+    NodeStartError,
+    PortInUse,
+)
+
+_READY = "Ray runtime started."
+_GIB = 2**30
+# The variables `ray start` turns into Ray's standard node labels (KubeRay sets the same).
+_LABEL_ENV = {
+    REGION_LABEL: "RAY_NODE_REGION",
+    ZONE_LABEL: "RAY_NODE_ZONE",
+    GROUP_LABEL: "RAY_NODE_TYPE_NAME",
+    MARKET_LABEL: "RAY_NODE_MARKET_TYPE",
+}
+# Client-side variables that would point a node at some other cluster.
+_FOREIGN_ENV = ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE")
+
+
+def home() -> Path:
+    """Where cluster state lives: $MLPLATFORM_HOME, else ~/.mlplatform."""
+    return Path(os.environ.get("MLPLATFORM_HOME", "~/.mlplatform")).expanduser()
+
+
+def _cluster_dir(name: str) -> Path:
+    return home() / "clusters" / name
+
+
+@dataclass(frozen=True)
+class NodeProcess:
+    """One `ray start --block` process and the process group it leads."""
+
+    name: str
+    group: str
+    pid: int
+    started_at: float
+    log: str
+
+    def alive(self) -> bool:
+        """True while the recorded process (not a later one reusing its pid) runs."""
+        import psutil
+
+        try:
+            proc = psutil.Process(self.pid)
+            return abs(proc.create_time() - self.started_at) < 1.0 and proc.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+
+@dataclass(frozen=True)
+class LocalCluster:
+    """A running local cluster as `up` recorded it."""
+
+    name: str
+    config: str
+    gcs_address: str
+    dashboard_url: str
+    client_address: str
+    token_path: str
+    temp_dir: str
+    nodes: tuple[NodeProcess, ...] = field(default_factory=tuple)
+
+    def env(self) -> dict[str, str]:
+        """Variables that point `ray`, `ray job submit` and `ray.init()` at this cluster."""
+        return {
+            "RAY_ADDRESS": self.gcs_address,
+            "RAY_API_SERVER_ADDRESS": self.dashboard_url,
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN_PATH": self.token_path,
+        }
+
+    def token(self) -> str:
+        """The cluster's authentication token (for the dashboard's login prompt)."""
+        return Path(self.token_path).read_text().strip()
+
+
+def up(spec: ClusterSpec, config: str = "", *, timeout_s: float = 120.0) -> LocalCluster:
+    """Start `spec` as a local multi-node cluster and return it once every node runs.
+
+    Raises:
+        ClusterAlreadyRunning: a cluster of this name is running.
+        PortInUse: a head port is taken; nothing was started.
+        NodeStartError: a node failed; every node already started was stopped again.
+    """
+    cdir = _cluster_dir(spec.name)
+    _clear_stale_state(spec.name, config)
+    _check_ports_free(spec, config)
+
+    (cdir / "logs").mkdir(parents=True, exist_ok=True)
+    token_path = cdir / "auth_token"
+    _write_private(token_path, secrets.token_hex(32))
+    # Unix socket paths must stay short (~107 bytes), so Ray's temp dir is not under home().
+    temp_dir = Path(tempfile.gettempdir()) / f"mlp-{spec.name}-{hashlib.sha256(str(cdir).encode()).hexdigest()[:8]}"
+    env = {k: v for k, v in os.environ.items() if k not in _FOREIGN_ENV}
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_path), RAY_USAGE_STATS_ENABLED="0")
+    # Job entrypoints run `python`: make it this interpreter, the one mlplatform is installed in.
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+
+    started: list[NodeProcess] = []
+    try:
+        head = _spawn(spec.head, "head", _head_flags(spec, temp_dir), env, cdir)
+        started.append(head)
+        _wait_ready([head], timeout_s)
+        ip = (temp_dir / "ray_current_cluster").read_text().strip().rsplit(":", 1)[0]
+        gcs_address = f"{ip}:{spec.ports.gcs}"
+        # One at a time: nodes starting side by side on one machine race for ports.
+        for group in spec.worker_groups:
+            for i in range(group.count):
+                flags = [f"--address={gcs_address}", f"--temp-dir={temp_dir}"]
+                started.append(_spawn(group, f"{group.name}-{i}", flags, env, cdir))
+                _wait_ready(started[-1:], timeout_s)
+        dashboard_url = f"http://127.0.0.1:{spec.ports.dashboard}"
+        _wait_http(dashboard_url, timeout_s, started[0])
+    except BaseException as e:
+        _stop_nodes(started)
+        token_path.unlink(missing_ok=True)
+        if isinstance(e, NodeStartError):
+            # Ray's own logs (raylet, GCS) say why; keep them and point at them.
+            raise NodeStartError(f"{e}\nRay's logs: {temp_dir}/session_latest/logs") from None
+        raise
+
+    cluster = LocalCluster(
+        name=spec.name,
+        config=config,
+        gcs_address=gcs_address,
+        dashboard_url=dashboard_url,
+        client_address=f"ray://127.0.0.1:{spec.ports.client_server}",
+        token_path=str(token_path),
+        temp_dir=str(temp_dir),
+        nodes=tuple(started),
+    )
+    _write_state(cluster)
+    return cluster
+
+
+def down(name: str | None = None) -> LocalCluster:
+    """Stop exactly the nodes `up` started for cluster `name` (or the only running one).
+
+    Raises:
+        ClusterNotRunning: no such cluster is running.
+    """
+    cluster = find(name)
+    _stop_nodes(list(cluster.nodes))
+    shutil.rmtree(cluster.temp_dir, ignore_errors=True)
+    cdir = _cluster_dir(cluster.name)
+    (cdir / "state.json").unlink(missing_ok=True)
+    Path(cluster.token_path).unlink(missing_ok=True)
+    return cluster
+
+
+def running() -> list[LocalCluster]:
+    """Every local cluster whose head node still runs."""
+    found = []
+    for state in sorted((home() / "clusters").glob("*/state.json")):
+        cluster = _read_state(state)
+        if cluster is not None and cluster.nodes and cluster.nodes[0].alive():
+            found.append(cluster)
+    return found
+
+
+def find(name: str | None = None) -> LocalCluster:
+    """The running local cluster called `name`, or the only one when `name` is None.
+
+    Raises:
+        ClusterNotRunning: none (or, without a name, more than one) is running.
+    """
+    clusters = running()
+    if name is not None:
+        match = [c for c in clusters if c.name == name]
+        if not match:
+            names = ", ".join(c.name for c in clusters) or "none"
+            raise ClusterNotRunning(
+                f"No local cluster named '{name}' is running (running: {names}). "
+                f"Start it with `mlplatform cluster up --config cluster_configs/local/{name}.yaml`."
+            )
+        return match[0]
+    if not clusters:
+        raise ClusterNotRunning(
+            "No local cluster is running. Start one with "
+            "`mlplatform cluster up --config cluster_configs/local/dev.yaml`."
+        )
+    if len(clusters) > 1:
+        names = ", ".join(c.name for c in clusters)
+        raise ClusterNotRunning(f"Several local clusters are running ({names}); name one with `--name`.")
+    return clusters[0]
+
+
+# --- starting nodes ---------------------------------------------------------------
+
+
+def _head_flags(spec: ClusterSpec, temp_dir: Path) -> list[str]:
+    return [
+        "--head",
+        f"--port={spec.ports.gcs}",
+        f"--dashboard-port={spec.ports.dashboard}",
+        "--dashboard-host=127.0.0.1",
+        "--include-dashboard=true",
+        f"--ray-client-server-port={spec.ports.client_server}",
+        f"--temp-dir={temp_dir}",
+    ]
+
+
+def _node_command(group: NodeGroup, node_name: str, flags: list[str]) -> list[str]:
+    """The `ray start` command line for one node of `group`."""
+    custom_labels = {k: v for k, v in group.node_labels().items() if k not in _LABEL_ENV}
+    ray_cli = str(Path(sys.executable).parent / "ray")
+    cmd = [
+        ray_cli if os.path.exists(ray_cli) else "ray",
+        "start",
+        "--block",
+        *flags,
+        f"--num-cpus={group.cpus}",
+        f"--num-gpus={group.gpus}",
+        f"--memory={int(group.memory_gb * _GIB)}",
+        f"--object-store-memory={int(group.object_store_gb * _GIB)}",
+        f"--node-name={node_name}",
+        # Several nodes share this machine: each gets its own ports, picked where the
+        # kernel never hands out ephemeral ports, so no other bind can take them first.
+        f"--dashboard-agent-listen-port={_free_port()}",
+        f"--dashboard-agent-grpc-port={_free_port()}",
+        f"--metrics-export-port={_free_port()}",
+        f"--runtime-env-agent-port={_free_port()}",
+        f"--node-manager-port={_free_port()}",
+        f"--object-manager-port={_free_port()}",
+        "--disable-usage-stats",
+        "--log-style=record",
+        "--log-color=false",
+    ]
+    if group.resources:
+        cmd.append(f"--resources={json.dumps(group.resources)}")
+    if custom_labels:
+        cmd.append("--labels=" + ",".join(f"{k}={v}" for k, v in custom_labels.items()))
+    return cmd
+
+
+def _spawn(group: NodeGroup, node_name: str, flags: list[str], env: Mapping[str, str], cdir: Path) -> NodeProcess:
+    import psutil
+
+    node_env = dict(env)
+    for label, var in _LABEL_ENV.items():
+        node_env[var] = group.node_labels()[label]
+    log = cdir / "logs" / f"{node_name}.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            _node_command(group, node_name, flags),
+            env=node_env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            # Its own session: the node outlives this process and a Ctrl-C here.
+            start_new_session=True,
+        )
+    return NodeProcess(node_name, group.name, proc.pid, psutil.Process(proc.pid).create_time(), str(log))
+
+
+def _wait_ready(nodes: list[NodeProcess], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    pending = list(nodes)
+    while pending:
+        for node in list(pending):
+            text = Path(node.log).read_text(errors="replace")
+            if _READY in text:
+                pending.remove(node)
+            elif not node.alive():
+                raise NodeStartError(
+                    f"Node '{node.name}' (group '{node.group}') exited while starting; "
+                    f"every node started so far was stopped again.\n{_tail(text)}\nFull log: {node.log}"
+                )
+        if pending and time.monotonic() > deadline:
+            names = ", ".join(n.name for n in pending)
+            raise NodeStartError(
+                f"Node(s) {names} did not start within {timeout_s:.0f}s; every node started so far "
+                f"was stopped again. Logs: {pending[0].log}"
+            )
+        time.sleep(0.2)
+
+
+def _wait_http(url: str, timeout_s: float, head: NodeProcess) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/api/version", timeout=2)
+            return
+        except urllib.error.HTTPError:
+            return  # It answers (401 without a token): the job API is up.
+        except (urllib.error.URLError, OSError):
+            if not head.alive() or time.monotonic() > deadline:
+                raise NodeStartError(
+                    f"The dashboard at {url} did not come up within {timeout_s:.0f}s; "
+                    f"every node was stopped again. Head log: {head.log}"
+                ) from None
+            time.sleep(0.3)
+
+
+def _tail(text: str, lines: int = 15) -> str:
+    return "\n".join("    " + line for line in text.strip().splitlines()[-lines:])
+
+
+# --- ports ------------------------------------------------------------------------
+
+
+def _check_ports_free(spec: ClusterSpec, config: str) -> None:
+    where = config or "the cluster spec"
+    for field_name, port in spec.ports.model_dump().items():
+        if not _port_free(port):
+            raise PortInUse(
+                f"Port {port} (`ports.{field_name}` in {where}) is already in use by another process; "
+                f"choose a free port there or stop that process (`ss -ltnp 'sport = :{port}'` shows it). "
+                "Nothing was started."
+            )
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("0.0.0.0", port))
+        except OSError:
+            return False
+    return True
+
+
+# Above Ray's worker ports (10002-19999), below Linux's ephemeral range (32768+).
+_NODE_PORTS = range(20000, 32768)
+
+
+def _free_port() -> int:
+    while True:
+        port = random.choice(_NODE_PORTS)
+        if port not in _handed_out and _port_free(port):
+            _handed_out.add(port)
+            return port
+
+
+_handed_out: set[int] = set()  # ports given to nodes of this process, not yet bound
+
+
+# --- stopping nodes ---------------------------------------------------------------
+
+
+def _stop_nodes(nodes: list[NodeProcess], grace_s: float = 10.0) -> None:
+    """Stop workers before the head; SIGTERM each group, SIGKILL what outlives the grace."""
+    live = [n for n in reversed(nodes) if n.alive()]
+    for node in live:
+        _signal_group(node.pid, signal.SIGTERM)
+    _wait_gone(live, grace_s)
+    for node in live:
+        _signal_group(node.pid, signal.SIGKILL)
+    _wait_gone(live, 10.0)
+
+
+def _wait_gone(nodes: list[NodeProcess], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for node in nodes:
+            _reap(node.pid)
+        if not any(_group_exists(n.pid) for n in nodes):
+            return
+        time.sleep(0.2)
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _group_exists(pgid: int) -> bool:
+    import psutil
+
+    for proc in psutil.process_iter(["pid"]):
+        try:
+            if os.getpgid(proc.pid) == pgid and proc.status() != psutil.STATUS_ZOMBIE:
+                return True
+        except (ProcessLookupError, psutil.NoSuchProcess):
+            continue
+    return False
+
+
+def _reap(pid: int) -> None:
+    # Our own children would linger as zombies until reaped.
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+
+
+# --- state ------------------------------------------------------------------------
+
+
+def _clear_stale_state(name: str, config: str) -> None:
+    state = _cluster_dir(name) / "state.json"
+    cluster = _read_state(state)
+    if cluster is None:
+        return
+    if cluster.nodes and cluster.nodes[0].alive():
+        raise ClusterAlreadyRunning(
+            f"Cluster '{name}' is already running (head at {cluster.gcs_address}, dashboard "
+            f"{cluster.dashboard_url}). Stop it first with `mlplatform cluster down --name {name}`, "
+            "or use it as it is."
+        )
+    # The head is gone (a reboot, a killed process): stop any leftover node, forget the rest.
+    _stop_nodes(list(cluster.nodes))
+    state.unlink(missing_ok=True)
+
+
+def _write_state(cluster: LocalCluster) -> None:
+    state = _cluster_dir(cluster.name) / "state.json"
+    tmp = state.with_suffix(".tmp")
+    tmp.write_text(json.dumps(asdict(cluster), indent=2))
+    tmp.replace(state)
+
+
+def _read_state(path: Path) -> LocalCluster | None:
+    try:
+        data = json.loads(path.read_text())
+        data["nodes"] = tuple(NodeProcess(**n) for n in data["nodes"])
+        return LocalCluster(**data)
+    except FileNotFoundError:
+        return None
+    except (ValueError, KeyError, TypeError) as e:
+        raise ClusterError(
+            f"Cluster state {path} is unreadable ({e}). If no such cluster runs, delete the file."
+        ) from None
+
+
+def _write_private(path: Path, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+

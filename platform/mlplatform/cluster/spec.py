@@ -1,0 +1,171 @@
+"""Cluster spec: node groups with the region, zone, group and market Ray labels them with.
+
+A node group is written once here; the local cluster starts from it and the KubeRay
+and launcher manifests are checked against it (one source of truth per fact).
+"""
+
+from __future__ import annotations
+
+import re
+from enum import Enum
+
+from pydantic import Field, field_validator, model_validator
+
+from mlplatform.config import Spec
+
+# Ray's standard node label keys (set by `ray start` from the RAY_NODE_* variables,
+# exactly as KubeRay sets them on its pods).
+REGION_LABEL = "ray.io/availability-region"
+ZONE_LABEL = "ray.io/availability-zone"
+GROUP_LABEL = "ray.io/node-group"
+MARKET_LABEL = "ray.io/market-type"
+ACCELERATOR_LABEL = "ray.io/accelerator-type"
+# Ray detects ray.io/accelerator-type on real GPU nodes and reserves the ray.io/
+# prefix, so a declared accelerator is also published under our own key.
+DECLARED_ACCELERATOR_LABEL = "mlplatform.io/accelerator-type"
+
+_NAME = re.compile(r"^[a-z][a-z0-9-]{0,39}$")
+_LABEL_KEY = re.compile(r"^([a-z0-9]([a-z0-9.-]*[a-z0-9])?/)?[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?$")
+_LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?)?$")
+# `ray start` hands this range to worker processes by default (--min/--max-worker-port).
+_WORKER_PORTS = (10002, 19999)
+_RESERVED_RESOURCES = {"CPU", "GPU", "memory", "object_store_memory"}
+
+
+class Market(str, Enum):
+    """How a node is bought: spot nodes can be preempted at any time."""
+
+    SPOT = "spot"
+    ON_DEMAND = "on-demand"
+
+
+class NodeGroup(Spec):
+    """A set of identical nodes: same resources, same place, same market."""
+
+    name: str = Field(description="Group name; becomes the `ray.io/node-group` label. Lowercase letters, digits, '-'.")
+    count: int = Field(1, ge=1, le=16, description="Number of nodes in the group.")
+    cpus: int = Field(ge=0, le=256, description="Logical CPUs Ray may schedule on each node.")
+    gpus: int = Field(0, ge=0, le=16, description="GPUs on each node (0 for CPU-only nodes).")
+    memory_gb: float = Field(gt=0, le=4096, description="Memory Ray may schedule on each node, in GiB.")
+    object_store_gb: float = Field(
+        0.5, gt=0, le=1024, description="Shared-memory object store per node, in GiB."
+    )
+    resources: dict[str, float] = Field(
+        default_factory=dict, description="Custom Ray resources per node, e.g. {spot_slot: 1}."
+    )
+    region: str = Field(description="Cloud region, e.g. me-central-1 (UAE); becomes `ray.io/availability-region`.")
+    zone: str = Field(description="Availability zone within the region; becomes `ray.io/availability-zone`.")
+    market: Market = Field(Market.ON_DEMAND, description="`spot` or `on-demand`; becomes `ray.io/market-type`.")
+    accelerator_type: str | None = Field(
+        None, description="Accelerator model, e.g. H100; published as `mlplatform.io/accelerator-type`."
+    )
+    labels: dict[str, str] = Field(
+        default_factory=dict,
+        description="Extra node labels; keys may not use Ray's reserved `ray.io/` prefix.",
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _NAME.match(v):
+            raise ValueError("must start with a lowercase letter and hold only a-z, 0-9 and '-' (max 40)")
+        return v
+
+    @field_validator("region", "zone")
+    @classmethod
+    def _place(cls, v: str) -> str:
+        if not _LABEL_VALUE.match(v) or not v:
+            raise ValueError("must be a non-empty label value: letters, digits, '.', '_' or '-'")
+        return v
+
+    @field_validator("resources")
+    @classmethod
+    def _resources(cls, v: dict[str, float]) -> dict[str, float]:
+        for key, amount in v.items():
+            if key in _RESERVED_RESOURCES:
+                raise ValueError(f"`{key}` is set by its own field (cpus, gpus, memory_gb, object_store_gb)")
+            if amount < 0:
+                raise ValueError(f"`{key}` must be >= 0")
+        return v
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, v: dict[str, str]) -> dict[str, str]:
+        for key, value in v.items():
+            if key.startswith("ray.io/"):
+                raise ValueError(f"`{key}` uses the `ray.io/` prefix, which Ray reserves; use e.g. `mlplatform.io/`")
+            if not _LABEL_KEY.match(key):
+                raise ValueError(f"`{key}` is not a valid label key (optional `prefix/` then a name)")
+            if not _LABEL_VALUE.match(str(value)):
+                raise ValueError(f"value {value!r} of `{key}` is not a valid label value")
+        return v
+
+    def node_labels(self) -> dict[str, str]:
+        """Every label a node of this group carries, Ray's standard keys included."""
+        labels = {
+            GROUP_LABEL: self.name,
+            REGION_LABEL: self.region,
+            ZONE_LABEL: self.zone,
+            MARKET_LABEL: self.market.value,
+        }
+        if self.accelerator_type:
+            labels[DECLARED_ACCELERATOR_LABEL] = self.accelerator_type
+        labels.update(self.labels)
+        return labels
+
+
+class Ports(Spec):
+    """Head-node ports; each must be free on this machine when the cluster starts."""
+
+    gcs: int = Field(6379, ge=1024, le=65535, description="GCS port: the cluster address is <ip>:<gcs>.")
+    dashboard: int = Field(8265, ge=1024, le=65535, description="Dashboard and job API port.")
+    client_server: int = Field(10001, ge=1024, le=65535, description="Ray Client server port (ray://).")
+
+    @model_validator(mode="after")
+    def _distinct(self) -> "Ports":
+        values = {"gcs": self.gcs, "dashboard": self.dashboard, "client_server": self.client_server}
+        if len(set(values.values())) != len(values):
+            raise ValueError(f"gcs, dashboard and client_server must differ; got {values}")
+        for key, port in values.items():
+            if _WORKER_PORTS[0] <= port <= _WORKER_PORTS[1]:
+                raise ValueError(
+                    f"{key} port {port} lies in {_WORKER_PORTS[0]}-{_WORKER_PORTS[1]}, which Ray reserves "
+                    "for its worker processes; choose a port outside that range"
+                )
+        return self
+
+
+class ClusterSpec(Spec):
+    """A Ray cluster: one head node and any number of worker node groups."""
+
+    name: str = Field(description="Cluster name; `cluster down --name` and `connect(name)` use it.")
+    head: NodeGroup = Field(description="The head node's group (count must be 1).")
+    worker_groups: list[NodeGroup] = Field(
+        default_factory=list, description="Worker node groups; each starts `count` nodes."
+    )
+    ports: Ports = Field(default_factory=Ports, description="Head-node ports.")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _NAME.match(v):
+            raise ValueError("must start with a lowercase letter and hold only a-z, 0-9 and '-' (max 40)")
+        return v
+
+    @model_validator(mode="after")
+    def _groups(self) -> "ClusterSpec":
+        if self.head.count != 1:
+            raise ValueError(f"head.count must be 1 (a cluster has one head); got {self.head.count}")
+        names = [self.head.name] + [g.name for g in self.worker_groups]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"node group names must be unique; repeated: {', '.join(duplicates)}")
+        return self
+
+    def groups(self) -> list[NodeGroup]:
+        """Head group first, then worker groups in file order."""
+        return [self.head, *self.worker_groups]
+
+    def regions(self) -> set[str]:
+        """Every region some node of this cluster sits in."""
+        return {g.region for g in self.groups()}

@@ -1,0 +1,60 @@
+"""Model registry: immutable versions with lineage, aliases, integrity checks, encryption at rest.
+
+    from mlplatform.registry import register, set_alias, fetch
+    v = register("runs/digits/artifact", "digits-mlp", root="/data/registry")
+    set_alias("digits-mlp", "canary", v.version, root="/data/registry")
+    fetch("digits-mlp@canary", "/tmp/model", root="/data/registry")
+
+`root` is a local path or a pyarrow URI (file://, s3://, gs://); when omitted it is
+read from MLPLATFORM_REGISTRY_ROOT. References name a version as 'name' (latest),
+'name@3', 'name@latest' or 'name@alias'.
+"""
+
+from mlplatform.registry._aliases import alias_history, list_aliases, promote, rollback, set_alias
+from mlplatform.registry._integrity import fetch, verify
+from mlplatform.registry._keys import (
+    KeyProvider,
+    LocalKey,
+    generate_key,
+    key_from_env,
+    key_from_file,
+)
+from mlplatform.registry._query import diff, list_models, list_versions, resolve, show
+from mlplatform.registry._records import (
+    AliasMove,
+    FileEntry,
+    FileProblem,
+    Lineage,
+    VerifyReport,
+    Version,
+    VersionDiff,
+)
+from mlplatform.registry._register import register
+
+__all__ = [
+    "AliasMove",
+    "FileEntry",
+    "FileProblem",
+    "KeyProvider",
+    "Lineage",
+    "LocalKey",
+    "VerifyReport",
+    "Version",
+    "VersionDiff",
+    "alias_history",
+    "diff",
+    "fetch",
+    "generate_key",
+    "key_from_env",
+    "key_from_file",
+    "list_aliases",
+    "list_models",
+    "list_versions",
+    "promote",
+    "register",
+    "resolve",
+    "rollback",
+    "set_alias",
+    "show",
+    "verify",
+]

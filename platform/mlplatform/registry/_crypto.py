@@ -1,0 +1,63 @@
+"""AES-256-GCM file encryption in chunks, so multi-GB weights never sit whole in memory.
+
+Stored file = chunks of nonce (12 random bytes) || ciphertext || tag (16 bytes).
+Each chunk's associated data binds the file's relative path, the chunk's index and
+whether it is the last chunk: files cannot be swapped, chunks cannot be reordered,
+and a truncated file fails authentication.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Iterator
+from typing import BinaryIO
+
+ALGORITHM = "AES-256-GCM"
+CHUNK_BYTES = 8 * 1024 * 1024
+NONCE_BYTES = 12
+TAG_BYTES = 16
+
+
+def read_exact(stream: BinaryIO, n: int) -> bytes:
+    """Read up to `n` bytes, short only at end of stream (some streams return less)."""
+    parts, got = [], 0
+    while got < n:
+        part = stream.read(n - got)
+        if not part:
+            break
+        parts.append(part)
+        got += len(part)
+    return b"".join(parts)
+
+
+def chunks(stream: BinaryIO, size: int) -> Iterator[tuple[int, bytes, bool]]:
+    """Yield (index, data, is_last); an empty stream yields one empty last chunk."""
+    current = read_exact(stream, size)
+    index = 0
+    while True:
+        following = read_exact(stream, size) if len(current) == size else b""
+        yield index, current, not following
+        if not following:
+            return
+        current, index = following, index + 1
+
+
+def _aad(relpath: str, index: int, is_last: bool) -> bytes:
+    position = struct.pack(">Q?", index, is_last)
+    return b"mlplatform-registry/v1\0" + relpath.encode() + b"\0" + position
+
+
+def encrypt_chunk(data_key: bytes, relpath: str, index: int, is_last: bool, plain: bytes) -> bytes:
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    nonce = os.urandom(NONCE_BYTES)
+    return nonce + AESGCM(data_key).encrypt(nonce, plain, _aad(relpath, index, is_last))
+
+
+def decrypt_chunk(data_key: bytes, relpath: str, index: int, is_last: bool, stored: bytes) -> bytes:
+    """Raises cryptography's InvalidTag if the chunk was modified, moved or truncated."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    aad = _aad(relpath, index, is_last)
+    return AESGCM(data_key).decrypt(stored[:NONCE_BYTES], stored[NONCE_BYTES:], aad)

@@ -1,0 +1,236 @@
+"""The registry's storage: paths, reads, atomic writes and locking on a pyarrow filesystem.
+
+Layout under the root:
+    <name>/index.json                      versions, aliases, alias history (the source of truth)
+    <name>/.lock                           flock target for index updates (local roots)
+    <name>/.staging/<token>/               a registration in progress, invisible to readers
+    <name>/versions/<N>/manifest.json      sha256 + size of every file, lineage, encryption header
+    <name>/versions/<N>/files/<relpath>    the artifact's files (ciphertext when encrypted)
+
+A version is visible only once index.json lists it, and index.json is written last,
+so a crash at any point leaves either the old state or the new one.
+
+Local roots (and NFS) lock each model's index with flock and replace index.json by
+rename. Object stores (s3://, gs://) have neither locks nor atomic rename: there each
+object write is atomic (readers see the old or the new index.json), but two writers
+changing the same model at the same moment can lose one update. Keep a single writer
+per model on object stores (e.g. one registration job at a time).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, BinaryIO
+
+from mlplatform.errors import RegistryError, RegistryNotWritable
+
+from mlplatform.registry._lock import exclusive_lock
+
+ROOT_ENV = "MLPLATFORM_REGISTRY_ROOT"
+_log = logging.getLogger(__name__)
+_warned_unlocked: set[str] = set()
+_NOT_WRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EEXIST}
+
+
+class Store:
+    """One registry root on one pyarrow filesystem."""
+
+    def __init__(self, root: str | os.PathLike[str] | None) -> None:
+        import pyarrow.fs as pafs
+
+        if root is None:
+            root = os.environ.get(ROOT_ENV)
+            if not root:
+                raise RegistryError(
+                    f"No registry root given. Pass `root` (a local path or a URI such as "
+                    f"s3://bucket/registry) or set {ROOT_ENV}."
+                )
+        text = os.fspath(root)
+        if "://" not in text:  # pyarrow wants absolute local paths
+            text = os.path.abspath(os.path.expanduser(text))
+        try:
+            self.fs, self.root = pafs.FileSystem.from_uri(text)
+        except Exception as e:  # pyarrow raises several types for bad or unreachable URIs
+            raise RegistryError(
+                f"Got {os.fspath(root)!r} for `root`; pyarrow cannot open it ({e}). Use a local "
+                f"path, file://, s3:// or gs:// URI."
+            ) from None
+        self.root = self.root.rstrip("/") or "/"
+        self.local = isinstance(self.fs, pafs.LocalFileSystem)
+        scheme = text.split("://", 1)[0] if "://" in text else ""
+        self._prefix = "" if self.local or not scheme else f"{scheme}://"
+        self.display = self.uri(self.root)
+
+    # --- paths ---
+
+    def path(self, *parts: str | int) -> str:
+        return "/".join([self.root.rstrip("/"), *(str(p) for p in parts)])
+
+    def uri(self, path: str) -> str:
+        return self._prefix + path
+
+    def index_path(self, name: str) -> str:
+        return self.path(name, "index.json")
+
+    def version_dir(self, name: str, number: int) -> str:
+        return self.path(name, "versions", number)
+
+    def files_dir(self, name: str, number: int) -> str:
+        return self.path(name, "versions", number, "files")
+
+    # --- reads ---
+
+    def exists(self, path: str) -> bool:
+        import pyarrow.fs as pafs
+
+        return self.fs.get_file_info(path).type != pafs.FileType.NotFound
+
+    def read_bytes(self, path: str) -> bytes | None:
+        """The file's bytes, or None if it does not exist."""
+        try:
+            with self.fs.open_input_stream(path) as f:
+                return f.read()
+        except FileNotFoundError:
+            return None
+
+    def open_input(self, path: str) -> Any:
+        return self.fs.open_input_stream(path)
+
+    def list_files(self, directory: str) -> dict[str, int] | None:
+        """{relative path: size} of every file below `directory`; None if it is missing."""
+        import pyarrow.fs as pafs
+
+        try:
+            infos = self.fs.get_file_info(pafs.FileSelector(directory, recursive=True))
+        except FileNotFoundError:
+            return None
+        base = directory.rstrip("/") + "/"
+        return {
+            i.path[len(base):]: i.size for i in infos if i.type == pafs.FileType.File
+        }
+
+    def list_dirs(self, directory: str) -> list[str]:
+        """Names of the immediate subdirectories of `directory` ([] if it is missing)."""
+        import pyarrow.fs as pafs
+
+        selector = pafs.FileSelector(directory, allow_not_found=True)
+        infos = self.fs.get_file_info(selector)
+        return [i.base_name for i in infos if i.type == pafs.FileType.Directory]
+
+    # --- writes ---
+
+    def ensure_writable(self) -> None:
+        """Create the root if needed and prove a file can be written there, else raise."""
+        probe = self.path(f".write-probe-{uuid.uuid4().hex}")
+        try:
+            self.fs.create_dir(self.root, recursive=True)
+            with self.fs.open_output_stream(probe) as f:
+                f.write(b"")
+            self.fs.delete_file(probe)
+        except OSError as e:
+            raise RegistryNotWritable(
+                f"Registry root {self.display} (`root`) is not writable: {_reason(e)}. Nothing "
+                f"was written. Pass a `root` you can write to, or fix its permissions."
+            ) from None
+
+    @contextmanager
+    def open_output(self, path: str) -> Iterator[BinaryIO]:
+        """A new file at `path` (parents created); on local disks it is fsynced on close."""
+        # Only opening is wrapped: an OSError raised by the caller's block (say, reading
+        # the source) must not be reported as this file being unwritable.
+        with self._writing(path):
+            self.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+            f = open(path, "wb") if self.local else self.fs.open_output_stream(path)
+        try:
+            yield f
+            if self.local:
+                f.flush()
+                os.fsync(f.fileno())
+        finally:
+            f.close()
+
+    def write_atomic(self, path: str, data: bytes) -> None:
+        """Replace `path` so that readers see either the old bytes or all the new ones."""
+        if not self.local:
+            # One PUT: object stores make a single object write atomic.
+            with self._writing(path), self.fs.open_output_stream(path) as f:
+                f.write(data)
+            return
+        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        try:
+            with self.open_output(tmp) as f:
+                f.write(data)
+            with self._writing(path):
+                os.replace(tmp, path)
+                _fsync_dir(os.path.dirname(path))
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+    def move(self, src: str, dst: str) -> None:
+        with self._writing(dst):
+            self.fs.create_dir(dst.rsplit("/", 1)[0], recursive=True)
+            self.fs.move(src, dst)  # rename on local disks: atomic
+
+    def delete_quietly(self, path: str) -> None:
+        """Best-effort removal of a directory tree, for cleanup after a failure."""
+        try:
+            self.fs.delete_dir(path)
+        except OSError:
+            _log.warning("could not remove %s; it is not visible in the registry", self.uri(path))
+
+    @contextmanager
+    def lock(self, name: str) -> Iterator[None]:
+        """Exclusive access to a model's index for one read-modify-write."""
+        if not self.local:
+            if self.display not in _warned_unlocked:
+                _warned_unlocked.add(self.display)
+                _log.warning(
+                    "registry %s is on an object store: index updates are not locked; keep one "
+                    "writer per model at a time", self.display,
+                )
+            yield
+            return
+        with self._writing(self.path(name)):
+            self.fs.create_dir(self.path(name), recursive=True)
+        with exclusive_lock(self.path(name, ".lock")):
+            yield
+
+    @contextmanager
+    def _writing(self, path: str) -> Iterator[None]:
+        try:
+            yield
+        except OSError as e:
+            if isinstance(e, PermissionError) or getattr(e, "errno", None) in _NOT_WRITABLE:
+                raise RegistryNotWritable(
+                    f"Cannot write {self.uri(path)} in registry {self.display} (`root`): "
+                    f"{_reason(e)}. Fix its permissions or pass another `root`."
+                ) from None
+            raise
+
+
+def staging_token() -> str:
+    return uuid.uuid4().hex
+
+
+def _fsync_dir(path: str) -> None:
+    # Makes the rename itself durable; some filesystems do not allow it, which is harmless.
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _reason(e: OSError) -> str:
+    return e.strerror or str(e)

@@ -1,0 +1,38 @@
+"""Which model validates which kind of spec file, and where each kind is shipped.
+
+One table serves `mlplatform validate` and the test that loads every shipped YAML.
+Models are named as "module:Class" so that reading this table imports nothing heavy.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import PurePosixPath
+
+from pydantic import BaseModel
+
+KINDS: dict[str, str] = {
+    "cluster": "mlplatform.cluster.spec:ClusterSpec",
+}
+
+# Glob (relative to the repository root) → kind of the YAML files it matches.
+SHIPPED: dict[str, str] = {
+    "cluster_configs/local/*.yaml": "cluster",
+}
+
+
+def model_for(kind: str) -> type[BaseModel]:
+    """The spec model of `kind` (see KINDS)."""
+    module, _, name = KINDS[kind].partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def kind_of(path: str) -> str | None:
+    """The kind of a spec file, judged by where it sits (None when unknown)."""
+    posix = PurePosixPath(path)
+    for pattern, kind in SHIPPED.items():
+        parts = len(PurePosixPath(pattern).parts)
+        tail = PurePosixPath(*posix.parts[-parts:]) if len(posix.parts) >= parts else posix
+        if tail.match(pattern):
+            return kind
+    return None

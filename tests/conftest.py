@@ -1,0 +1,73 @@
+"""Shared fixtures: one real multi-node Ray cluster per session, started by `cluster up`.
+
+Tests never touch the user's ~/.mlplatform or the shipped ports: the session gets its
+own MLPLATFORM_HOME and the three-region spec is started on free ports.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+# Set before any test imports mlplatform.cluster, so every state file lands here.
+os.environ.setdefault("MLPLATFORM_HOME", tempfile.mkdtemp(prefix="mlplatform-test-"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def with_free_ports(spec):
+    """The same cluster spec, moved to ports no other cluster on this machine uses."""
+    ports = spec.ports.model_copy(update={"gcs": free_port(), "dashboard": free_port(), "client_server": free_port()})
+    return spec.model_copy(update={"ports": ports})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    gpu_items = [item for item in items if "gpu" in item.keywords]
+    if not gpu_items:
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        for item in gpu_items:
+            item.add_marker(pytest.mark.skip(reason="Requires: CUDA"))
+
+
+@pytest.fixture(scope="session")
+def three_region_cluster() -> Iterator["LocalCluster"]:  # noqa: F821
+    """cluster_configs/local/three-region.yaml, running for the whole session."""
+    from mlplatform import cluster, config
+
+    path = REPO / "cluster_configs/local/three-region.yaml"
+    spec = with_free_ports(config.load(path, cluster.ClusterSpec))
+    running = cluster.up(spec, str(path))
+    try:
+        yield running
+    finally:
+        import ray
+
+        ray.shutdown()
+        cluster.down(spec.name)
+
+
+@pytest.fixture
+def ray_on_three_region(three_region_cluster) -> Iterator["LocalCluster"]:  # noqa: F821
+    """This test process connected (ray.init) to the three-region cluster."""
+    import ray
+
+    from mlplatform.cluster import connect
+
+    connect(three_region_cluster.name)
+    try:
+        yield three_region_cluster
+    finally:
+        ray.shutdown()

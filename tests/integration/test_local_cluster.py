@@ -1,0 +1,150 @@
+"""The three-region local cluster, live: labels, resources, placement, auth, lifecycle errors."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+
+import psutil
+import pytest
+
+from conftest import REPO, with_free_ports
+from mlplatform import cluster, config
+from mlplatform.cluster import local
+from mlplatform.errors import ClusterAlreadyRunning, ClusterNotRunning, NodeStartError, PortInUse
+
+THREE_REGION = REPO / "cluster_configs/local/three-region.yaml"
+
+
+def test_inventory_matches_the_spec(ray_on_three_region):
+    spec = config.load(THREE_REGION, cluster.ClusterSpec)
+    nodes = cluster.inventory()
+    assert nodes[0].is_head and nodes[0].group == "head"
+    assert sorted(n.group for n in nodes) == sorted(g.name for g in spec.groups() for _ in range(g.count))
+    for group in spec.groups():
+        node = next(n for n in nodes if n.group == group.name)
+        assert node.alive
+        assert {k: node.labels[k] for k in group.node_labels()} == group.node_labels()
+        assert node.resources["CPU"] == group.cpus
+        assert node.resources["memory"] == group.memory_gb * 2**30
+    gpu = next(n for n in nodes if n.group == "gpu")
+    assert gpu.market == "spot" and gpu.labels["mlplatform.io/simulated-gpu"] == "true"
+    assert {n.region for n in nodes} == {"me-central-1", "eu-central-1"}
+
+
+def test_tasks_land_on_the_group_their_selector_names(ray_on_three_region):
+    from mlplatform.cluster.probe import probe_node_groups
+
+    results = probe_node_groups()
+    assert {r["asked_for_group"] for r in results} == {"head", "cpu", "gpu", "eu"}
+    for r in results:
+        assert r["labels"]["ray.io/node-group"] == r["asked_for_group"]
+
+
+def test_job_api_refuses_requests_without_the_token(three_region_cluster):
+    url = f"{three_region_cluster.dashboard_url}/api/jobs/"
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(url, timeout=10)
+    assert e.value.code == 401
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {three_region_cluster.token()}"})
+    assert json.load(urllib.request.urlopen(request, timeout=10)) is not None
+    assert oct(os.stat(three_region_cluster.token_path).st_mode & 0o777) == "0o600"
+
+
+def test_cli_status_and_env(three_region_cluster):
+    run = lambda *a: subprocess.run([sys.executable, "-m", "mlplatform", *a], cwd=REPO, capture_output=True, text=True, check=True).stdout  # noqa: E731
+    status = run("cluster", "status", "--name", three_region_cluster.name)
+    assert "eu-central-1" in status and "spot" in status and "head (head)" in status
+    env = run("cluster", "env", "--name", three_region_cluster.name)
+    assert f"export RAY_ADDRESS={three_region_cluster.gcs_address}" in env and "RAY_AUTH_MODE=token" in env
+    # `ray status` works with nothing but those variables.
+    variables = dict(line.removeprefix("export ").split("=", 1) for line in env.splitlines())
+    out = subprocess.run(
+        [os.path.join(os.path.dirname(sys.executable), "ray"), "status"],
+        env={**os.environ, **variables}, capture_output=True, text=True, timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "Active:" in out.stdout
+
+
+def test_up_while_running_is_refused_and_changes_nothing(three_region_cluster):
+    spec = config.load(THREE_REGION, cluster.ClusterSpec)
+    with pytest.raises(ClusterAlreadyRunning, match="already running"):
+        cluster.up(spec)
+    assert all(node.alive() for node in local.find(spec.name).nodes)
+
+
+def test_port_in_use_starts_nothing(three_region_cluster, tmp_path):
+    spec = with_free_ports(config.validate(
+        {"name": "portclash", "head": {"name": "head", "cpus": 1, "memory_gb": 1, "region": "r", "zone": "z"}},
+        cluster.ClusterSpec, "test",
+    ))
+    with socket.socket() as holder:
+        holder.bind(("0.0.0.0", spec.ports.dashboard))
+        holder.listen()
+        with pytest.raises(PortInUse, match=rf"Port {spec.ports.dashboard} \(`ports.dashboard` in x.yaml\)"):
+            cluster.up(spec, "x.yaml")
+    assert not (local.home() / "clusters" / "portclash" / "state.json").exists()
+
+
+def test_down_with_none_running(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLPLATFORM_HOME", str(tmp_path))
+    with pytest.raises(ClusterNotRunning, match="No local cluster is running"):
+        cluster.down()
+
+
+def test_failed_worker_stops_what_was_started(three_region_cluster, monkeypatch):
+    spec = with_free_ports(config.validate(
+        {
+            "name": "halfstart",
+            "head": {"name": "head", "cpus": 1, "memory_gb": 1, "region": "r", "zone": "z"},
+            "worker_groups": [{"name": "w", "cpus": 1, "memory_gb": 1, "region": "r", "zone": "z"}],
+        },
+        cluster.ClusterSpec, "test",
+    ))
+    real = local._node_command
+    started = []
+
+    def worker_breaks(group, node_name, flags):
+        cmd = real(group, node_name, flags)
+        return cmd + ["--no-such-flag"] if group.name == "w" else cmd
+
+    real_spawn = local._spawn
+    monkeypatch.setattr(local, "_node_command", worker_breaks)
+    monkeypatch.setattr(local, "_spawn", lambda *a: started.append(real_spawn(*a)) or started[-1])
+    with pytest.raises(NodeStartError, match="Node 'w-0' .* exited while starting; every node started so far was stopped"):
+        cluster.up(spec)
+    assert [n.name for n in started] == ["head", "w-0"]
+    head = started[0]
+    assert not head.alive()
+    assert not any(_in_group(p, head.pid) for p in psutil.process_iter())
+    assert not (local.home() / "clusters" / "halfstart" / "state.json").exists()
+    with pytest.raises(ClusterNotRunning):
+        cluster.find("halfstart")
+
+
+def _in_group(proc, pgid):
+    try:
+        return os.getpgid(proc.pid) == pgid and proc.status() != psutil.STATUS_ZOMBIE
+    except (ProcessLookupError, psutil.NoSuchProcess):
+        return False
+
+
+def test_cli_up_and_down_lifecycle(tmp_path, three_region_cluster):
+    import yaml
+
+    spec = with_free_ports(config.load(REPO / "cluster_configs/local/dev.yaml", cluster.ClusterSpec))
+    path = tmp_path / "dev.yaml"
+    path.write_text(yaml.safe_dump(spec.model_dump(mode="json")))
+    cli = [sys.executable, "-m", "mlplatform", "cluster"]
+    up = subprocess.run([*cli, "up", "--config", str(path)], capture_output=True, text=True, timeout=300)
+    assert up.returncode == 0, up.stderr
+    assert "Dashboard: http://127.0.0.1" in up.stdout and "head (head)" in up.stdout
+    down = subprocess.run([*cli, "down", "--name", "dev"], capture_output=True, text=True, timeout=120)
+    assert down.returncode == 0, down.stderr
+    assert "Stopped 'dev': 1 node(s)." in down.stdout
+    again = subprocess.run([*cli, "down", "--name", "dev"], capture_output=True, text=True, timeout=60)
+    assert again.returncode == 1 and "No local cluster named 'dev' is running" in again.stderr

@@ -1,0 +1,215 @@
+"""Registry bad input: one clear error each, and the registry stays exactly as it was."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mlplatform.errors import (
+    AliasNotFound,
+    ArtifactError,
+    EncryptionKeyError,
+    InvalidName,
+    ModelNotFound,
+    PlatformError,
+    RegistryError,
+    RegistryNotWritable,
+    VersionNotFound,
+)
+from mlplatform.registry import (
+    diff,
+    fetch,
+    generate_key,
+    list_models,
+    promote,
+    register,
+    rollback,
+    set_alias,
+    verify,
+)
+from mlplatform.registry._names import check_name
+
+
+def make_artifact(path: Path) -> Path:
+    path.mkdir(parents=True)
+    (path / "model.safetensors").write_bytes(b"weights" * 50)
+    (path / "metadata.json").write_text(json.dumps({"metrics": {"accuracy": 0.9}}))
+    return path
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    """Every file under the root, except the lock file whose content is informational."""
+    return {
+        str(p.relative_to(root)): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name != ".lock"
+    }
+
+
+@pytest.fixture
+def registry(tmp_path: Path) -> Path:
+    """Model `m` with versions 1 (plain) and 2 (encrypted), production -> 1."""
+    root = tmp_path / "registry"
+    register(make_artifact(tmp_path / "a1"), "m", root=root)
+    register(make_artifact(tmp_path / "a2"), "m", root=root, encrypt_key=generate_key())
+    set_alias("m", "production", 1, root=root)
+    return root
+
+
+def fails(error: type[PlatformError], match: str, call, root: Path) -> PlatformError:
+    """`call` raises `error`, the error pickles, and the registry is unchanged and healthy."""
+    before = snapshot(root)
+    with pytest.raises(error, match=match) as info:
+        call()
+    assert snapshot(root) == before
+    assert verify("m@1", root=root).ok and verify("m@2", root=root).ok
+    clone = pickle.loads(pickle.dumps(info.value))
+    assert type(clone) is type(info.value) and clone.args == info.value.args
+    return info.value
+
+
+def test_alias_that_does_not_exist(registry, tmp_path):
+    error = fails(AliasNotFound, "no alias 'canary'", lambda: fetch("m@canary", tmp_path / "o", root=registry), registry)
+    assert "production -> 1" in str(error) and "set_alias" in str(error)
+    fails(AliasNotFound, "`from_alias`", lambda: promote("m", root=registry), registry)
+    fails(AliasNotFound, "no alias 'staging'", lambda: rollback("m", "staging", root=registry), registry)
+    fails(AliasNotFound, "no earlier target", lambda: rollback("m", "production", root=registry), registry)
+    fails(InvalidName, "both `from_alias` and `to_alias`",
+          lambda: promote("m", "production", "production", root=registry), registry)
+    assert not (tmp_path / "o").exists()
+
+
+def test_version_that_does_not_exist(registry, tmp_path):
+    error = fails(VersionNotFound, "Got 7 for `ref`", lambda: fetch("m@7", tmp_path / "o", root=registry), registry)
+    assert "versions 1-2 (latest 2)" in str(error)
+    fails(VersionNotFound, "Got 3 for `version`", lambda: set_alias("m", "canary", 3, root=registry), registry)
+    fails(VersionNotFound, "`b`", lambda: diff("m", 1, 9, root=registry), registry)
+    fails(InvalidName, "start at 1", lambda: set_alias("m", "canary", 0, root=registry), registry)
+
+
+def test_model_that_does_not_exist_creates_nothing(registry):
+    error = fails(ModelNotFound, "No model 'n'.*registered models: m", lambda: set_alias("n", "prod", 1, root=registry), registry)
+    assert "Check `name`" in str(error)
+    assert not (registry / "n").exists()
+
+
+def test_wrong_key(registry, tmp_path):
+    fails(EncryptionKeyError, "Wrong key for model 'm' version 2",
+          lambda: fetch("m@2", tmp_path / "o", root=registry, key=generate_key()), registry)
+    assert not (tmp_path / "o").exists()
+
+
+def test_unwritable_root_is_refused_before_anything_is_written(tmp_path):
+    # A path below a regular file cannot be created, even by root (the tests run as root).
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    artifact = make_artifact(tmp_path / "a")
+    with pytest.raises(RegistryNotWritable, match=r"not-a-dir/registry \(`root`\) is not writable.*Nothing was written"):
+        register(artifact, "m", root=blocker / "registry")
+    assert blocker.read_text() == "" and sorted(p.name for p in tmp_path.iterdir()) == ["a", "not-a-dir"]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")
+def test_read_only_root_is_refused(tmp_path):
+    root = tmp_path / "registry"
+    root.mkdir()
+    root.chmod(0o555)
+    try:
+        with pytest.raises(RegistryNotWritable):
+            register(make_artifact(tmp_path / "a"), "m", root=root)
+        assert list(root.iterdir()) == []
+    finally:
+        root.chmod(0o755)
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["../evil", "/etc/passwd", "a/b", "a\\b", "..", ".", ".hidden", "", "UPPER", "a..b", "x" * 65, "a b", "a@b", "é"],
+)
+def test_names_that_could_escape_the_root_are_refused(registry, tmp_path, name):
+    artifact = tmp_path / "artifact"
+    if not artifact.exists():
+        make_artifact(artifact)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    fails(InvalidName, "for `name`", lambda: register(artifact, name, root=registry), registry)
+    fails(InvalidName, "`name`", lambda: set_alias(name, "production", 1, root=registry), registry)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    assert list_models(root=registry) == ["m"]
+
+
+@pytest.mark.parametrize("alias", ["../x", "Prod", "3", "latest", "", "a/b", "-x"])
+def test_bad_alias_names_are_refused(registry, alias):
+    fails(InvalidName, "`alias`", lambda: set_alias("m", alias, 1, root=registry), registry)
+
+
+@pytest.mark.parametrize("ref", ["../m@1", "m@../1", "m@-1", "m@Prod", "/m", ""])
+def test_bad_references_are_refused(registry, tmp_path, ref):
+    fails(InvalidName, "`ref`", lambda: fetch(ref, tmp_path / "o", root=registry), registry)
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(st.text(max_size=70))
+def test_every_accepted_name_stays_one_level_inside_the_root(name):
+    root = "/registry/root"
+    try:
+        check_name(name)
+    except InvalidName:
+        return
+    assert os.path.dirname(os.path.normpath(os.path.join(root, name))) == root
+
+
+def test_artifact_dir_that_does_not_exist(registry, tmp_path):
+    fails(ArtifactError, "`artifact_dir`; it does not exist",
+          lambda: register(tmp_path / "nope", "m", root=registry), registry)
+
+
+def test_artifact_dir_that_is_empty_or_a_file(registry, tmp_path):
+    (tmp_path / "empty" / "subdir").mkdir(parents=True)  # directories only: still no files
+    fails(ArtifactError, "holds no files", lambda: register(tmp_path / "empty", "m", root=registry), registry)
+    (tmp_path / "model.bin").write_bytes(b"x")
+    fails(ArtifactError, "is a file, not a directory",
+          lambda: register(tmp_path / "model.bin", "m", root=registry), registry)
+
+
+def test_artifact_with_broken_metadata(registry, tmp_path):
+    artifact = make_artifact(tmp_path / "bad-meta")
+    (artifact / "metadata.json").write_text("{not json")
+    fails(ArtifactError, "metadata.json is not valid JSON", lambda: register(artifact, "m", root=registry), registry)
+    (artifact / "metadata.json").write_text("[1, 2]")
+    fails(ArtifactError, "must be an object", lambda: register(artifact, "m", root=registry), registry)
+    (artifact / "metadata.json").write_text(json.dumps({"metrics": [0.9]}))
+    fails(ArtifactError, "`metrics`; must be a mapping", lambda: register(artifact, "m", root=registry), registry)
+
+
+def test_bad_lineage_argument(registry, tmp_path):
+    artifact = make_artifact(tmp_path / "a")
+    fails(RegistryError, r"unknown key\(s\) \['metric'\] in `lineage`",
+          lambda: register(artifact, "m", root=registry, lineage={"metric": {}}), registry)
+    fails(RegistryError, "cannot be stored as JSON",
+          lambda: register(artifact, "m", root=registry, lineage={"spec": {"f": object()}}), registry)
+
+
+def test_fetch_into_a_non_empty_directory(registry, tmp_path):
+    dest = tmp_path / "busy"
+    dest.mkdir()
+    (dest / "old.bin").write_bytes(b"old")
+    fails(RegistryError, "`dest_dir`; it exists and is not an empty directory",
+          lambda: fetch("m@1", dest, root=registry), registry)
+    assert [p.name for p in dest.iterdir()] == ["old.bin"]
+
+
+def test_missing_root(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLPLATFORM_REGISTRY_ROOT", raising=False)
+    with pytest.raises(RegistryError, match="No registry root given"):
+        list_models()
+    with pytest.raises(RegistryError, match="does not exist"):
+        list_models(root=tmp_path / "nowhere")
+    with pytest.raises(ModelNotFound, match="registered models: none"):
+        fetch("m", tmp_path / "o", root=tmp_path / "nowhere")
+    assert not (tmp_path / "nowhere").exists()
