@@ -27,6 +27,9 @@ def arg(*flags: str, **kwargs: Any) -> tuple[tuple[str, ...], dict[str, Any]]:
 
 
 _NAME = arg("--name", help="Cluster name (default: the only running local cluster).")
+_ROOT = arg("--root", default=None, help="Registry root: path or URI (default $MLPLATFORM_REGISTRY_ROOT).")
+_REF = arg("ref", help="name, name@VERSION or name@ALIAS.")
+_REASON = arg("--reason", default=None, help="Why: recorded in the alias history.")
 _CONFIG = arg("--config", required=True, metavar="PATH", help="Cluster spec YAML, e.g. cluster_configs/local/dev.yaml.")
 
 
@@ -94,6 +97,101 @@ def _validate(a: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _registry_list(a: argparse.Namespace) -> None:
+    from mlplatform import registry
+
+    if a.name is None:
+        print(table(["MODEL", "VERSIONS", "ALIASES"], [
+            [m, len(registry.list_versions(m, root=a.root)), _aliases(registry.list_aliases(m, root=a.root))]
+            for m in registry.list_models(root=a.root)
+        ]))
+        return
+    aliases = registry.list_aliases(a.name, root=a.root)
+    rows = []
+    for v in registry.list_versions(a.name, root=a.root):
+        here = ",".join(sorted(k for k, n in aliases.items() if n == v.version))
+        rows.append([v.version, v.registered_at, v.registered_by, "yes" if v.encrypted else "no", here, _metrics(v.lineage.metrics)])
+    print(table(["VERSION", "REGISTERED", "BY", "ENCRYPTED", "ALIASES", "METRICS"], rows))
+
+
+def _registry_show(a: argparse.Namespace) -> None:
+    import json
+    from dataclasses import asdict
+
+    from mlplatform import registry
+
+    version = registry.show(a.ref, root=a.root)
+    data = asdict(version)
+    data["files"] = [f"{f['path']}  {f['size']} B  sha256 {f['sha256'][:16]}" for f in data["files"]]
+    print(json.dumps(data, indent=2, default=str))
+
+
+def _registry_diff(a: argparse.Namespace) -> None:
+    from mlplatform import registry
+
+    d = registry.diff(a.name, a.a, a.b, root=a.root)
+    rows = [[f"{section}.{key}", str(old), str(new)] for section in ("metrics", "spec", "lineage") for key, (old, new) in getattr(d, section).items()]
+    rows += [[f"file {p}", "-", "added"] for p in d.files_added]
+    rows += [[f"file {p}", "present", "removed"] for p in d.files_removed]
+    rows += [[f"file {p}", "", "changed"] for p in d.files_changed]
+    print(f"{d.name}: version {d.a} -> {d.b}")
+    print(table(["WHAT", f"v{d.a}", f"v{d.b}"], rows) if rows else "no differences")
+
+
+def _registry_alias(a: argparse.Namespace) -> None:
+    from mlplatform import registry
+
+    _print_move(registry.set_alias(a.name, a.alias, a.version, root=a.root, reason=a.reason))
+
+
+def _registry_promote(a: argparse.Namespace) -> None:
+    from mlplatform import registry
+
+    _print_move(registry.promote(a.name, a.source, a.target, root=a.root, reason=a.reason))
+
+
+def _registry_rollback(a: argparse.Namespace) -> None:
+    from mlplatform import registry
+
+    _print_move(registry.rollback(a.name, a.alias, root=a.root, reason=a.reason))
+
+
+def _registry_history(a: argparse.Namespace) -> None:
+    from mlplatform import registry
+
+    moves = registry.alias_history(a.name, a.alias, root=a.root)
+    print(table(["WHEN", "ALIAS", "ACTION", "FROM", "TO", "BY", "REASON"], [
+        [m.at, m.alias, m.action, m.from_version if m.from_version is not None else "-", m.to_version, m.actor, m.reason or ""]
+        for m in moves
+    ]))
+
+
+def _registry_verify(a: argparse.Namespace) -> int:
+    from mlplatform import registry
+
+    report = registry.verify(a.ref, root=a.root)
+    if report.ok:
+        scope = "plaintext and stored bytes" if report.plaintext_checked else "stored bytes (no key given)"
+        print(f"ok  {report.ref}: {report.files_checked} file(s) match their manifest ({scope})")
+        return 0
+    for p in report.problems:
+        print(f"TAMPERED  {report.ref}  {p.path}: {p.kind}: {p.detail}", file=sys.stderr)
+    return 1
+
+
+def _aliases(aliases: dict[str, int]) -> str:
+    return ", ".join(f"{k}->{v}" for k, v in sorted(aliases.items())) or "-"
+
+
+def _metrics(metrics: dict[str, Any]) -> str:
+    return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(metrics.items())[:4])
+
+
+def _print_move(move: Any) -> None:
+    was = f"version {move.from_version}" if move.from_version is not None else "nothing"
+    print(f"{move.alias}: {was} -> version {move.to_version} ({move.action} by {move.actor})")
+
+
 def _print_nodes(nodes: Sequence[Any]) -> None:
     rows = [
         [
@@ -141,6 +239,35 @@ COMMANDS: dict[tuple[str, ...], Command] = {
         _cluster_env, 'Shell exports for `ray`, `ray job submit` and ray.init(): eval "$(mlplatform cluster env)".', (_NAME,)
     ),
     ("cluster", "token"): Command(_cluster_token, "Print the cluster's auth token (the dashboard asks for it).", (_NAME,)),
+    ("registry", "list"): Command(
+        _registry_list, "Models, or the versions of one model with aliases and metrics.",
+        (_ROOT, arg("name", nargs="?", help="Model name (omit to list models).")),
+    ),
+    ("registry", "show"): Command(_registry_show, "Everything recorded for a version: files, hashes, lineage.", (_ROOT, _REF)),
+    ("registry", "diff"): Command(
+        _registry_diff, "Differences between two versions: metrics, spec, lineage, files.",
+        (_ROOT, arg("name", help="Model name."), arg("a", help="Version, alias or `latest`."), arg("b", help="Version, alias or `latest`.")),
+    ),
+    ("registry", "alias"): Command(
+        _registry_alias, "Point an alias at a version.",
+        (_ROOT, arg("name", help="Model name."), arg("alias", help="Alias, e.g. canary."), arg("version", type=int, help="Version number."), _REASON),
+    ),
+    ("registry", "promote"): Command(
+        _registry_promote, "Move the target alias to the source alias's version (canary -> production).",
+        (_ROOT, arg("name", help="Model name."), arg("--from", dest="source", default="canary", help="Source alias (default canary)."),
+         arg("--to", dest="target", default="production", help="Target alias (default production)."), _REASON),
+    ),
+    ("registry", "rollback"): Command(
+        _registry_rollback, "Move an alias back to its previous target.",
+        (_ROOT, arg("name", help="Model name."), arg("alias", help="Alias to roll back."), _REASON),
+    ),
+    ("registry", "history"): Command(
+        _registry_history, "Every alias move: when, who, from, to, why.",
+        (_ROOT, arg("name", help="Model name."), arg("alias", nargs="?", help="Only this alias.")),
+    ),
+    ("registry", "verify"): Command(
+        _registry_verify, "Check a version's files against its manifest hashes; exit 1 if any differ.", (_ROOT, _REF)
+    ),
     ("validate",): Command(
         _validate,
         "Validate spec YAML files against their models; every problem is listed.",
@@ -151,7 +278,10 @@ COMMANDS: dict[tuple[str, ...], Command] = {
     ),
 }
 
-GROUP_HELP = {"cluster": "Local Ray clusters: up, down, status, env, token."}
+GROUP_HELP = {
+    "cluster": "Local Ray clusters: up, down, status, env, token.",
+    "registry": "Model registry: list, show, diff, alias, promote, rollback, history, verify.",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
