@@ -76,6 +76,17 @@ def _cluster_token(a: argparse.Namespace) -> None:
     print(cluster.find(a.name).token())
 
 
+def _cluster_render(a: argparse.Namespace) -> None:
+    import yaml
+
+    from mlplatform import cluster, config
+    from mlplatform.cluster.kuberay import render_raycluster
+
+    spec = config.load(a.config, cluster.ClusterSpec)
+    print(f"# Rendered from {a.config} by `mlplatform cluster render-kuberay`; edit the spec, not this file.")
+    print(yaml.safe_dump(render_raycluster(spec, a.image), sort_keys=False), end="")
+
+
 def _validate(a: argparse.Namespace) -> int:
     from mlplatform import config, spec_kinds
     from mlplatform.errors import PlatformError, SpecError
@@ -238,6 +249,11 @@ COMMANDS: dict[tuple[str, ...], Command] = {
     ("cluster", "env"): Command(
         _cluster_env, 'Shell exports for `ray`, `ray job submit` and ray.init(): eval "$(mlplatform cluster env)".', (_NAME,)
     ),
+    ("cluster", "render-kuberay"): Command(
+        _cluster_render,
+        "Print the spec as a KubeRay RayCluster manifest (token auth, region/zone node selectors).",
+        (_CONFIG, arg("--image", default="rayproject/ray:2.60.0-py311", help="Container image with mlplatform installed.")),
+    ),
     ("cluster", "token"): Command(_cluster_token, "Print the cluster's auth token (the dashboard asks for it).", (_NAME,)),
     ("registry", "list"): Command(
         _registry_list, "Models, or the versions of one model with aliases and metrics.",
@@ -279,7 +295,7 @@ COMMANDS: dict[tuple[str, ...], Command] = {
 }
 
 GROUP_HELP = {
-    "cluster": "Local Ray clusters: up, down, status, env, token.",
+    "cluster": "Ray clusters: up, down, status, env, token, render-kuberay.",
     "registry": "Model registry: list, show, diff, alias, promote, rollback, history, verify.",
 }
 
