@@ -30,6 +30,9 @@ _NAME = arg("--name", help="Cluster name (default: the only running local cluste
 _ROOT = arg("--root", default=None, help="Registry root: path or URI (default $MLPLATFORM_REGISTRY_ROOT).")
 _REF = arg("ref", help="name, name@VERSION or name@ALIAS.")
 _REASON = arg("--reason", default=None, help="Why: recorded in the alias history.")
+_TRAIN_CONFIG = arg("--config", required=True, metavar="PATH", help="TrainSpec YAML, e.g. jobs/configs/digits.yaml.")
+_SERVE_FILE = arg("path", metavar="PATH", help="Serve config YAML, e.g. serve_apps/digits-cpu.yaml.")
+_KEYS_DIR = arg("--keys-dir", default=None, help="Key store directory (default $MLPLATFORM_HOME/serve/keys).")
 _CONFIG = arg("--config", required=True, metavar="PATH", help="Cluster spec YAML, e.g. cluster_configs/local/dev.yaml.")
 
 
@@ -85,6 +88,73 @@ def _cluster_render(a: argparse.Namespace) -> None:
     spec = config.load(a.config, cluster.ClusterSpec)
     print(f"# Rendered from {a.config} by `mlplatform cluster render-kuberay`; edit the spec, not this file.")
     print(yaml.safe_dump(render_raycluster(spec, a.image), sort_keys=False), end="")
+
+
+def _export(a: argparse.Namespace) -> int:
+    from mlplatform.export import export_model, format_report, make_spec
+
+    report = export_model(a.model, make_spec(a.config, quantize=a.quantize, threads=a.threads), root=a.root)
+    print(format_report(report))
+    return 0 if all(report.deployable.values()) else 1
+
+
+def _train_plan(a: argparse.Namespace) -> None:
+    from mlplatform import config
+    from mlplatform.train import TrainSpec, format_plan, plan
+
+    print(format_plan(plan(config.load(a.config, TrainSpec))))
+
+
+def _serve_check(a: argparse.Namespace) -> None:
+    from mlplatform import serve
+
+    spec = serve.check_config(a.path)
+    print(f"ok  {a.path}: {len(spec.applications)} application(s)")
+
+
+def _serve_deploy(a: argparse.Namespace) -> None:
+    from mlplatform import serve
+
+    apps = serve.deploy(a.path, cluster=a.name)
+    print(f"Submitted {', '.join(apps)}; follow with `mlplatform serve status`.")
+
+
+def _serve_status(a: argparse.Namespace) -> None:
+    import json
+
+    from mlplatform import serve
+
+    print(json.dumps(serve.status(cluster=a.name), indent=2, default=str))
+
+
+def _serve_delete(a: argparse.Namespace) -> None:
+    from mlplatform import serve
+
+    serve.delete(a.app, cluster=a.name)
+    print(f"Deleted application '{a.app}'.")
+
+
+def _serve_key_create(a: argparse.Namespace) -> None:
+    from mlplatform import serve
+
+    created = serve.create_key(a.app, label=a.label, keys_dir=a.keys_dir)
+    print(f"key id {created.record.key_id} for '{a.app}' (shown once; store it now):")
+    print(created.key)
+
+
+def _serve_key_list(a: argparse.Namespace) -> None:
+    from mlplatform import serve
+
+    print(table(["KEY ID", "LABEL", "CREATED", "REVOKED"], [
+        [k.key_id, k.label, k.created_at, k.revoked_at or "-"] for k in serve.list_keys(a.app, keys_dir=a.keys_dir)
+    ]))
+
+
+def _serve_key_revoke(a: argparse.Namespace) -> None:
+    from mlplatform import serve
+
+    record = serve.revoke_key(a.app, a.key_id, keys_dir=a.keys_dir)
+    print(f"Revoked key {record.key_id} of '{a.app}' at {record.revoked_at}.")
 
 
 def _validate(a: argparse.Namespace) -> int:
@@ -284,6 +354,33 @@ COMMANDS: dict[tuple[str, ...], Command] = {
     ("registry", "verify"): Command(
         _registry_verify, "Check a version's files against its manifest hashes; exit 1 if any differ.", (_ROOT, _REF)
     ),
+    ("export",): Command(
+        _export,
+        "Export a registered model to ONNX FP32 + INT8, gate and benchmark it, register the result (exit 1 if a gate fails).",
+        (
+            arg("--model", required=True, metavar="REF", help="Registry ref: NAME, NAME@VERSION or NAME@ALIAS."),
+            arg("--quantize", choices=["int8", "none"], help="Override the spec's `quantize`."),
+            arg("--config", metavar="PATH", help="ExportSpec YAML, e.g. jobs/configs/export-digits.yaml."),
+            arg("--threads", type=int, help="Threads for the CPU benchmark (torch and ORT alike)."),
+            _ROOT,
+        ),
+    ),
+    ("train", "plan"): Command(
+        _train_plan, "Print the DeepSpeed plan and per-worker memory for every ZeRO stage; starts nothing.", (_TRAIN_CONFIG,)
+    ),
+    ("serve", "check"): Command(_serve_check, "Validate a Serve config file's application args.", (_SERVE_FILE,)),
+    ("serve", "deploy"): Command(_serve_deploy, "Deploy a Serve config file (what `serve deploy` does, with auth).", (_SERVE_FILE, _NAME)),
+    ("serve", "status"): Command(_serve_status, "Applications, deployments and replicas with their states.", (_NAME,)),
+    ("serve", "delete"): Command(_serve_delete, "Delete one Serve application.", (arg("app", help="Application name."), _NAME)),
+    ("serve", "keys", "create"): Command(
+        _serve_key_create, "Create an API key for an application; the key is printed once.",
+        (arg("app", help="Application name."), arg("--label", default="", help="What the key is for."), _KEYS_DIR),
+    ),
+    ("serve", "keys", "list"): Command(_serve_key_list, "An application's keys (ids and labels, never secrets).", (arg("app", help="Application name."), _KEYS_DIR)),
+    ("serve", "keys", "revoke"): Command(
+        _serve_key_revoke, "Revoke a key; requests with it get 401 from then on.",
+        (arg("app", help="Application name."), arg("key_id", help="Key id from `serve keys list`."), _KEYS_DIR),
+    ),
     ("validate",): Command(
         _validate,
         "Validate spec YAML files against their models; every problem is listed.",
@@ -297,22 +394,26 @@ COMMANDS: dict[tuple[str, ...], Command] = {
 GROUP_HELP = {
     "cluster": "Ray clusters: up, down, status, env, token, render-kuberay.",
     "registry": "Model registry: list, show, diff, alias, promote, rollback, history, verify.",
+    "train": "Training: plan (what would run, memory per ZeRO stage).",
+    "serve": "Serving on Ray Serve: check, deploy, status, delete, keys.",
+    "serve keys": "API keys of a Serve application: create, list, revoke.",
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mlplatform", description="Ray-based ML platform: train, tune, serve, within residency rules.")
     parser.add_argument("--debug", action="store_true", help="Show full tracebacks on errors.")
-    top = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    groups: dict[str, Any] = {}
+    # One subparsers object per command-path prefix: () is the top level, ("serve",) the
+    # verbs under `serve`, ("serve", "keys") those under `serve keys`.
+    levels: dict[tuple[str, ...], Any] = {(): parser.add_subparsers(dest="command", metavar="COMMAND", required=True)}
     for path, command in COMMANDS.items():
-        if len(path) == 1:
-            sub = top.add_parser(path[0], help=command.help, description=command.help)
-        else:
-            if path[0] not in groups:
-                group = top.add_parser(path[0], help=GROUP_HELP[path[0]], description=GROUP_HELP[path[0]])
-                groups[path[0]] = group.add_subparsers(dest="verb", metavar="VERB", required=True)
-            sub = groups[path[0]].add_parser(path[1], help=command.help, description=command.help)
+        for depth in range(1, len(path)):
+            prefix = path[:depth]
+            if prefix not in levels:
+                text = GROUP_HELP[" ".join(prefix)]
+                group = levels[prefix[:-1]].add_parser(prefix[-1], help=text, description=text)
+                levels[prefix] = group.add_subparsers(dest=f"verb{depth}", metavar="VERB", required=True)
+        sub = levels[path[:-1]].add_parser(path[-1], help=command.help, description=command.help)
         for flags, kwargs in command.args:
             sub.add_argument(*flags, **kwargs)
         sub.set_defaults(handler=command.handler)

@@ -96,3 +96,45 @@ class PreflightError(TrainError):
 
 class TrainingFailed(TrainError):
     """The run failed after Ray Train used up its restarts; checkpoints written so far are kept."""
+
+
+class TrainArtifactError(TrainError):
+    """A training artifact directory is incomplete or its weights do not fit its model reference."""
+
+
+# --- export (mlplatform.export) ---
+
+
+class ExportError(PlatformError):
+    """A model could not be exported to ONNX, quantized, gated or benchmarked; nothing was registered."""
+
+
+class OnnxModelError(ExportError):
+    """An ONNX file is corrupt, truncated or cannot be loaded by ONNX Runtime."""
+
+
+class InputSignatureError(ExportError):
+    """The artifact's metadata has no usable input signature (input name, dtype and shape)."""
+
+
+class HoldoutDataError(ExportError):
+    """The held-out data for the accuracy gate is missing, unreadable or does not fit the model."""
+
+
+# --- serve ---
+
+
+class ServeError(PlatformError):
+    """A Serve application could not be built, deployed or managed as asked."""
+
+
+class ModelNotDeployable(ServeError):
+    """The registered version lacks the variant asked for, or its export gate failed for it."""
+
+
+class PlacementError(ServeError):
+    """No live node satisfies a deployment's label selector and CPU request; nothing was deployed."""
+
+
+class ApiKeyError(ServeError):
+    """An API key could not be created, found or revoked (unknown app or key id, unreadable key file)."""

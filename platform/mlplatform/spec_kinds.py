@@ -13,11 +13,19 @@ from pydantic import BaseModel
 
 KINDS: dict[str, str] = {
     "cluster": "mlplatform.cluster.spec:ClusterSpec",
+    "train": "mlplatform.train.spec:TrainSpec",
+    "export": "mlplatform.export._spec:ExportSpec",
+    # A Serve config file; each application's `args:` is a ServeSpec (what build_app validates).
+    "serve": "mlplatform.serve._spec:ServeConfigFile",
 }
 
-# Glob (relative to the repository root) → kind of the YAML files it matches.
+# Glob (relative to the repository root) → kind of the YAML files it matches; the first
+# matching glob decides, so specific globs come before general ones.
 SHIPPED: dict[str, str] = {
     "cluster_configs/local/*.yaml": "cluster",
+    "jobs/configs/export-*.yaml": "export",
+    "jobs/configs/*.yaml": "train",
+    "serve_apps/*.yaml": "serve",
 }
 
 

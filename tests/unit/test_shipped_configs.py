@@ -7,10 +7,9 @@ from conftest import REPO
 from mlplatform import config, spec_kinds
 
 SHIPPED = sorted(
-    (str(path.relative_to(REPO)), kind)
-    for pattern, kind in spec_kinds.SHIPPED.items()
-    for path in REPO.glob(pattern)
+    {str(path.relative_to(REPO)) for pattern in spec_kinds.SHIPPED for path in REPO.glob(pattern)}
 )
+SHIPPED = [(path, spec_kinds.kind_of(path)) for path in SHIPPED]
 
 
 @pytest.mark.parametrize("path,kind", SHIPPED, ids=[p for p, _ in SHIPPED])

@@ -140,16 +140,19 @@ def up(spec: ClusterSpec, config: str = "", *, timeout_s: float = 120.0) -> Loca
 
     started: list[NodeProcess] = []
     try:
-        head = _spawn(spec.head, "head", _head_flags(spec, temp_dir), env, cdir)
+        # Each node gets its own temp dir: a node's log monitor streams every log under
+        # its temp dir to the drivers, so a shared one prints each line once per node.
+        head = _spawn(spec.head, "head", _head_flags(spec, temp_dir / "head"), env, cdir)
         started.append(head)
         _wait_ready([head], timeout_s)
-        ip = (temp_dir / "ray_current_cluster").read_text().strip().rsplit(":", 1)[0]
+        ip = (temp_dir / "head" / "ray_current_cluster").read_text().strip().rsplit(":", 1)[0]
         gcs_address = f"{ip}:{spec.ports.gcs}"
         # One at a time: nodes starting side by side on one machine race for ports.
         for group in spec.worker_groups:
             for i in range(group.count):
-                flags = [f"--address={gcs_address}", f"--temp-dir={temp_dir}"]
-                started.append(_spawn(group, f"{group.name}-{i}", flags, env, cdir))
+                node_name = f"{group.name}-{i}"
+                flags = [f"--address={gcs_address}", f"--temp-dir={temp_dir / node_name}"]
+                started.append(_spawn(group, node_name, flags, env, cdir))
                 _wait_ready(started[-1:], timeout_s)
         dashboard_url = f"http://127.0.0.1:{spec.ports.dashboard}"
         _wait_http(dashboard_url, timeout_s, started[0])
@@ -158,7 +161,8 @@ def up(spec: ClusterSpec, config: str = "", *, timeout_s: float = 120.0) -> Loca
         token_path.unlink(missing_ok=True)
         if isinstance(e, NodeStartError):
             # Ray's own logs (raylet, GCS) say why; keep them and point at them.
-            raise NodeStartError(f"{e}\nRay's logs: {temp_dir}/session_latest/logs") from None
+            # Nodes start one at a time, so the last one started is the one that failed.
+            raise NodeStartError(f"{e}\nRay's logs: {temp_dir / started[-1].name}/session_latest/logs") from None
         raise
 
     cluster = LocalCluster(

@@ -1,0 +1,277 @@
+"""export_model(): registry version → ONNX FP32 + INT8 → gates → benchmark → new registry version.
+
+Everything is built in a private temporary directory; the new version is registered only
+once every file and the report exist, so a failure at any step registers nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import tempfile
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from mlplatform.errors import ExportError
+
+from mlplatform.export._report import REPORT_FILE, ExportReport
+from mlplatform.export._spec import ExportSpec, QuantMode, Quantize
+
+FP32_FILE = "model.onnx"
+INT8_FILE = "model.int8.onnx"
+# Files an earlier export added: a re-export of an exported version replaces them.
+_EXPORT_FILES = {FP32_FILE, INT8_FILE, REPORT_FILE}
+_KEY_ENV, _KEY_FILE_ENV = "MLPLATFORM_REGISTRY_KEY", "MLPLATFORM_REGISTRY_KEY_FILE"
+
+
+def make_spec(config: str | os.PathLike | None = None, *, quantize: str | None = None,
+              threads: int | None = None) -> ExportSpec:
+    """An ExportSpec from an optional YAML file with command-line overrides applied (validated).
+
+    Raises:
+        SpecError: the file or an override is invalid.
+    """
+    from mlplatform import config as _config
+
+    spec = _config.load(config, ExportSpec) if config else ExportSpec()
+    data = spec.model_dump(mode="json")
+    if quantize is not None:
+        data["quantize"] = quantize
+    if threads is not None:
+        data["benchmark"]["threads"] = threads
+    return _config.validate(data, ExportSpec, "--quantize/--threads")
+
+
+def export_model(
+    ref: str,
+    spec: ExportSpec | None = None,
+    *,
+    root: str | os.PathLike | None = None,
+    key: Any = None,
+    actor: str | None = None,
+) -> ExportReport:
+    """Export a registered version and register the result as the model's next version.
+
+    The new version holds the source version's files unchanged plus model.onnx,
+    model.int8.onnx and export_report.json; its lineage records `exported_from` (the
+    source ref) and the gate metrics. The returned report carries the new `version_ref`.
+
+    Args:
+        ref: 'name', 'name@3', 'name@latest' or 'name@alias'.
+        key: registry key for an encrypted source (default: MLPLATFORM_REGISTRY_KEY[_FILE]);
+            the new version is encrypted with it too.
+
+    Raises:
+        ModelNotFound, VersionNotFound, AliasNotFound, IntegrityError, EncryptionKeyError,
+        RegistryNotWritable (from the registry); InputSignatureError, HoldoutDataError,
+        OnnxModelError, ExportError (export itself). Nothing is registered on any of them.
+    """
+    from mlplatform import registry
+
+    spec = spec or ExportSpec()
+    parent = registry.resolve(ref, root=root)
+    work = Path(tempfile.mkdtemp(prefix="mlplatform-export-"))
+    try:
+        src = work / "source"
+        # The pinned version, not `ref`: an alias moved meanwhile must not change what is exported.
+        registry.fetch(parent.ref, src, root=root, key=key)
+        report = export_artifact(
+            src, work / "exported", spec, source_ref=parent.ref, fallback_signature=parent.lineage.input_signature
+        )
+        overrides: dict[str, Any] = {
+            "metrics": {**parent.lineage.metrics, **_lineage_metrics(report)},
+            "extra": {
+                "exported_from": parent.ref,
+                "export": {"deployable": report.deployable, "opset": report.opset, "quantization": report.quantization},
+            },
+        }
+        if parent.lineage.input_signature:
+            overrides["input_signature"] = parent.lineage.input_signature
+        version = registry.register(
+            work / "exported", spec.name or parent.name, root=root, lineage=overrides,
+            encrypt_key=_encrypt_key(key) if parent.encrypted else None, actor=actor,
+        )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return dataclasses.replace(report, version_ref=version.ref)
+
+
+def export_artifact(
+    artifact_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    spec: ExportSpec | None = None,
+    *,
+    source_ref: str | None = None,
+    fallback_signature: Any = None,
+) -> ExportReport:
+    """Export a training artifact directory into `out_dir` (new or empty), without the registry.
+
+    `out_dir` receives the artifact's files plus model.onnx, model.int8.onnx and
+    export_report.json, all at once: it is built beside `out_dir` and renamed into place.
+
+    Raises:
+        TrainArtifactError, InputSignatureError, HoldoutDataError, OnnxModelError, ExportError.
+    """
+    import onnxruntime
+    import torch
+
+    from mlplatform.export import _bench, _cpu, _data, _gate, _onnx
+    from mlplatform.train import artifact as train_artifact
+
+    spec = spec or ExportSpec()
+    artifact_dir = Path(artifact_dir)
+    out = Path(out_dir).expanduser().absolute()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ExportError(f"Got {str(out)!r} for `out_dir`; it exists and is not empty. Pass a new or empty directory.")
+
+    meta = train_artifact.read_metadata(artifact_dir)
+    if not meta.get("input_signature") and fallback_signature:
+        meta = {**meta, "input_signature": fallback_signature}
+    where = source_ref or str(artifact_dir)
+    sig = _data.signature(meta, where)
+    task = _task(meta, where)
+    model = train_artifact.load_model(artifact_dir)
+    held = _data.holdout(meta, artifact_dir, sig, task, spec.holdout_path, spec.max_holdout_rows)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
+    try:
+        staging.mkdir()
+        for f in sorted(artifact_dir.rglob("*")):
+            rel = f.relative_to(artifact_dir)
+            if f.is_file() and str(rel) not in _EXPORT_FILES:
+                (staging / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(f, staging / rel)
+        raw = staging.parent / f"{staging.name}.raw"
+        raw.mkdir()
+        try:
+            _onnx.export_fp32(model, sig, spec.opset, raw / "model.raw.onnx", meta.get("model_ref", "the model"))
+            _onnx.optimize(raw / "model.raw.onnx", staging / FP32_FILE)
+            files = {"onnx_fp32": FP32_FILE}
+            mode = None
+            if spec.quantize == Quantize.INT8:
+                mode = _mode(spec.quantization_mode, model)
+                calib = _data.calibration(artifact_dir, meta, sig, task, spec.calibration_rows) if mode == "static" else None
+                per_channel = spec.per_channel if spec.per_channel is not None else mode == "static"
+                _onnx.quantize_int8(
+                    raw / "model.raw.onnx", staging / INT8_FILE, mode, raw, calib, sig.name, per_channel, spec.reduce_range
+                )
+                files["onnx_int8"] = INT8_FILE
+        finally:
+            shutil.rmtree(raw, ignore_errors=True)
+
+        threads = spec.benchmark.threads
+        sessions = {name: _onnx.session(staging / f, threads) for name, f in files.items()}
+        reference, measured = _gate.evaluate(model, sessions, held.x, held.y, task, sig.name)
+        gates = {"onnx_fp32": spec.gates.fp32, "onnx_int8": spec.gates.int8}
+        variants = tuple(
+            _gate.judge(name, f, (staging / f).stat().st_size, measured[name], task, gates[name])
+            for name, f in files.items()
+        )
+        bench = ()
+        if spec.benchmark.enabled:
+            b = spec.benchmark
+            bench = _bench.run(model, sessions, held.x, sig.name, b.batch_sizes, threads, b.seconds_per_case, b.warmup_runs)
+        report = ExportReport(
+            source_ref=source_ref,
+            version_ref=None,
+            model_ref=str(meta.get("model_ref")),
+            task=task,
+            opset=spec.opset,
+            quantization=mode,
+            holdout={"source": held.source, "rows": int(len(held.x)), "labeled": held.y is not None},
+            reference_metrics=reference,
+            variants=variants,
+            benchmark=bench,
+            threads=threads,
+            cpu=_cpu.cpu_features(),
+            torch_version=torch.__version__,
+            onnxruntime_version=onnxruntime.__version__,
+            created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        )
+        (staging / REPORT_FILE).write_text(report.dumps())
+        if out.exists():
+            out.rmdir()  # checked empty above
+        os.replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return report
+
+
+def gate_variant(onnx_path: str | os.PathLike, artifact_dir: str | os.PathLike, spec: ExportSpec | None = None,
+                 variant: str = "onnx_int8"):
+    """Re-run one variant's accuracy gate on an existing ONNX file against the artifact's torch model.
+
+    Raises:
+        OnnxModelError: the file is corrupt or truncated; InputSignatureError, HoldoutDataError.
+    """
+    from mlplatform.export import _data, _gate, _onnx
+    from mlplatform.train import artifact as train_artifact
+
+    spec = spec or ExportSpec()
+    if variant not in ("onnx_fp32", "onnx_int8"):
+        raise ExportError(f"Got {variant!r} for `variant`; must be onnx_fp32 or onnx_int8.")
+    meta = train_artifact.read_metadata(artifact_dir)
+    sig = _data.signature(meta, str(artifact_dir))
+    task = _task(meta, str(artifact_dir))
+    sess = _onnx.session(onnx_path, spec.benchmark.threads)  # fails fast on a damaged file
+    model = train_artifact.load_model(artifact_dir)
+    held = _data.holdout(meta, artifact_dir, sig, task, spec.holdout_path, spec.max_holdout_rows)
+    _, measured = _gate.evaluate(model, {variant: sess}, held.x, held.y, task, sig.name)
+    gate = spec.gates.fp32 if variant == "onnx_fp32" else spec.gates.int8
+    path = Path(onnx_path)
+    return _gate.judge(variant, path.name, path.stat().st_size, measured[variant], task, gate)
+
+
+def _task(meta: dict[str, Any], where: str) -> str:
+    task = meta.get("task") or {"builtin:gpt": "causal_lm", "builtin:digits_mlp": "classification"}.get(
+        meta.get("model_ref", "")
+    )
+    if task not in ("classification", "regression", "causal_lm"):
+        raise ExportError(
+            f"{where}: metadata.json has {task!r} for `task`; must be classification, regression or causal_lm "
+            f"(the gate metric follows from it). Retrain with mlplatform.train or add the key."
+        )
+    return task
+
+
+def _mode(mode: QuantMode, model) -> str:
+    if mode != QuantMode.AUTO:
+        return mode.value
+    from torch import nn
+
+    # Conv nets keep accuracy only with calibrated activation ranges; linear/transformer
+    # layers do well with per-batch (dynamic) activation scales and need no calibration data.
+    has_conv = any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
+    return "static" if has_conv else "dynamic"
+
+
+def _lineage_metrics(report: ExportReport) -> dict[str, float]:
+    metrics: dict[str, float] = {}
+    for v in report.variants:
+        for c in v.checks:
+            metrics[f"{v.variant}_{c.metric}"] = c.value
+    if report.benchmark:
+        largest = max(r.batch_size for r in report.benchmark)
+        for v in report.variants:
+            s = report.speedup(v.variant, largest)
+            if s:
+                metrics[f"{v.variant}_speedup_b{largest}"] = round(s, 3)
+    return metrics
+
+
+def _encrypt_key(key: Any) -> Any:
+    """The key to encrypt the exported version with: the caller's, else the registry's default."""
+    if key is not None:
+        return key
+    from mlplatform import registry
+
+    if os.environ.get(_KEY_ENV):
+        return registry.key_from_env(_KEY_ENV)
+    if os.environ.get(_KEY_FILE_ENV):
+        return registry.key_from_file(os.environ[_KEY_FILE_ENV])
+    return None

@@ -1,0 +1,52 @@
+"""Serving registered models on Ray Serve: ingress → router → ONNX CPU / torch GPU deployments.
+
+    # serve_apps/digits-cpu.yaml:  import_path: mlplatform.serve:build_app, args: <ServeSpec>
+    serve deploy serve_apps/digits-cpu.yaml
+
+    from mlplatform.serve import ServeSpec, build_app, create_key
+    app = build_app({"name": "digits", "model": "digits@production", "registry_root": "/data/registry"})
+    serve.run(app, name="digits", route_prefix="/")
+    key = create_key("digits").key        # plaintext shown once; stored hashed
+
+Prediction: POST /v1/predict {"inputs": [[...64 floats...], ...]} with `Authorization: Bearer <key>`.
+Open: GET /healthz, GET /v1/contract, GET /docs, GET /openapi.json.
+"""
+
+from mlplatform.serve._app import build_app
+from mlplatform.serve._keys import CreatedKey, KeyRecord, create_key, list_keys, revoke_key
+from mlplatform.serve._manage import check_config, delete, deploy, status
+from mlplatform.serve._spec import (
+    PRESETS,
+    AutoscalingSpec,
+    BatchingSpec,
+    CanarySpec,
+    FallbackSpec,
+    ModelDeploymentSpec,
+    Preset,
+    ServeConfigFile,
+    ServeSpec,
+    Variant,
+)
+
+__all__ = [
+    "PRESETS",
+    "AutoscalingSpec",
+    "BatchingSpec",
+    "CanarySpec",
+    "CreatedKey",
+    "FallbackSpec",
+    "KeyRecord",
+    "ModelDeploymentSpec",
+    "Preset",
+    "ServeConfigFile",
+    "ServeSpec",
+    "Variant",
+    "build_app",
+    "check_config",
+    "create_key",
+    "delete",
+    "deploy",
+    "list_keys",
+    "revoke_key",
+    "status",
+]

@@ -1,0 +1,145 @@
+"""build_app: a validated ServeSpec → a Ray Serve application (ingress → model deployments)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from mlplatform import config
+from mlplatform.errors import ModelNotDeployable, PlacementError
+from mlplatform.serve._contract import Contract
+from mlplatform.serve._keys import default_keys_dir
+from mlplatform.serve._spec import ModelDeploymentSpec, ServeSpec, Variant
+
+logger = logging.getLogger(__name__)
+
+# Replicas report unhealthy within seconds, so the router's fallback reacts quickly.
+_HEALTH = {"health_check_period_s": 2.0, "health_check_timeout_s": 10.0, "graceful_shutdown_timeout_s": 5.0}
+
+
+def build_app(args: dict[str, Any]):
+    """The Serve application for `args` (a ServeSpec as a dict, or a ServeSpec).
+
+    Used by `serve deploy` through `import_path: mlplatform.serve:build_app`, and by
+    `serve.run(build_app(...))`. The model reference is pinned to its version number here,
+    so every replica serves the same version even if the alias moves meanwhile.
+
+    Raises:
+        SpecError: `args` does not fit ServeSpec (every problem listed).
+        ModelNotFound, VersionNotFound, AliasNotFound: the reference does not resolve.
+        ModelNotDeployable: the version lacks the variant or its export gate failed for it.
+        PlacementError: no live node satisfies a deployment's label selector and CPUs.
+    """
+    spec = args if isinstance(args, ServeSpec) else config.validate(dict(args or {}), ServeSpec, "serve application args")
+    return _build(spec)
+
+
+def _build(spec: ServeSpec):
+    from ray import serve
+
+    from mlplatform import registry
+    from mlplatform.serve._ingress import Ingress
+    from mlplatform.serve._models import OnnxCpuModel, TorchGpuModel
+
+    version = registry.resolve(spec.model, root=spec.registry_root)
+    contract = Contract.from_signature(
+        version.lineage.input_signature, spec.limits.max_rows, spec.limits.max_payload_bytes, version.ref
+    )
+    refs = {role: version.ref for role in spec.deployments()}
+    if spec.canary:
+        refs["canary"] = registry.resolve(spec.canary.model, root=spec.registry_root).ref
+    for role, dep in spec.deployments().items():
+        _check_export_gate(version if role != "canary" else registry.resolve(refs["canary"], root=spec.registry_root),
+                           dep.variant, role)
+    _preflight(spec)
+
+    def model(role: str, dep: ModelDeploymentSpec):
+        cls = TorchGpuModel if dep.variant == Variant.TORCH else OnnxCpuModel
+        settings = {
+            "app": spec.name, "role": role, "ref": refs[role], "root": spec.registry_root, "variant": dep.variant.value,
+            "num_cpus": dep.num_cpus, "device": dep.device, "dtype": dep.dtype.value,
+            "max_batch_size": dep.batching.max_batch_size, "batch_wait_timeout_s": dep.batching.batch_wait_timeout_s,
+            "drift_enabled": spec.drift.enabled, "drift_window_rows": spec.drift.window_rows,
+            "drift_alert_psi": spec.drift.alert_psi,
+        }
+        options = _replica_options(dep.label_selector, dep.num_cpus, dep.num_gpus, dep.replicas, dep.autoscaling)
+        return serve.deployment(cls).options(
+            name=role, max_ongoing_requests=dep.max_ongoing_requests, max_queued_requests=dep.max_queued_requests,
+            **options, **_HEALTH,
+        ).bind(settings)
+
+    bound = {role: model(role, dep) for role, dep in spec.deployments().items()}
+    ing = spec.ingress
+    settings = {
+        "app": spec.name, "version": version.ref, "canary_version": refs.get("canary"),
+        "canary_percent": spec.canary.percent if spec.canary else 0,
+        "variants": {role: dep.variant.value for role, dep in spec.deployments().items()},
+        "contract": {"input_name": contract.input_name, "dtype": contract.dtype, "features": contract.features,
+                     "max_rows": contract.max_rows, "max_payload_bytes": contract.max_payload_bytes},
+        "auth": spec.auth.enabled,
+        "keys_dir": str(Path(spec.auth.keys_dir).expanduser().absolute() if spec.auth.keys_dir else default_keys_dir()),
+        "retry_after_s": ing.retry_after_s,
+        "primary_timeout_s": spec.fallback.primary_timeout_s if spec.fallback else 0,
+    }
+    options = _replica_options(ing.label_selector, ing.num_cpus, 0, ing.replicas, ing.autoscaling)
+    return serve.deployment(Ingress).options(
+        name="ingress", max_ongoing_requests=ing.max_ongoing_requests, max_queued_requests=ing.max_queued_requests,
+        backpressure_config={"status_code": 503, "retry_after_s": ing.retry_after_s}, **options, **_HEALTH,
+    ).bind(settings, bound["primary"], bound.get("fallback"), bound.get("canary"))
+
+
+def _replica_options(selector, num_cpus, num_gpus, replicas, autoscaling) -> dict[str, Any]:
+    actor: dict[str, Any] = {"num_cpus": num_cpus}
+    if num_gpus:
+        actor["num_gpus"] = num_gpus
+    if selector:
+        actor["label_selector"] = dict(selector)
+    out: dict[str, Any] = {"ray_actor_options": actor}
+    if replicas is not None:
+        out["num_replicas"] = replicas
+    else:
+        out["autoscaling_config"] = autoscaling.resolved()
+    return out
+
+
+def _check_export_gate(version, variant: Variant, role: str) -> None:
+    """Refuse a variant the export gate failed, from the lineage the export recorded (if any)."""
+    if variant == Variant.TORCH:
+        return
+    export = (version.lineage.extra or {}).get("export") or {}
+    deployable = export.get("deployable")
+    if isinstance(deployable, dict) and variant.value in deployable and not deployable[variant.value]:
+        raise ModelNotDeployable(
+            f"Got {variant.value!r} for `{role}.variant`; {version.ref}'s export gate marked it NOT deployable. "
+            f"Deployable variants: {sorted(k for k, v in deployable.items() if v) or 'none'}."
+        )
+
+
+def _preflight(spec: ServeSpec) -> None:
+    """Fail fast when no live node can hold a deployment (Ray would leave it pending silently)."""
+    import ray
+
+    if not ray.is_initialized():
+        return  # building without a cluster (unit tests, config checks)
+    from mlplatform.cluster.inventory import from_ray_nodes
+
+    nodes = [n for n in from_ray_nodes(ray.nodes()) if n.alive]
+    wanted = [(f"{role}", d.label_selector, d.num_cpus, d.num_gpus) for role, d in spec.deployments().items()]
+    wanted.append(("ingress", spec.ingress.label_selector, spec.ingress.num_cpus, 0))
+    has_fallback = bool(spec.fallback and spec.fallback.enabled)
+    for role, selector, cpus, gpus in wanted:
+        fits = [n for n in nodes if n.matches(selector) and n.resources.get("CPU", 0) >= cpus
+                and n.resources.get("GPU", 0) >= gpus]
+        if fits:
+            continue
+        groups = sorted({f"{n.group} ({n.resources.get('CPU', 0):g} CPU, {n.resources.get('GPU', 0):g} GPU)" for n in nodes})
+        message = (
+            f"No live node satisfies `{role}.label_selector` {dict(selector)} with {cpus:g} CPU and {gpus:g} GPU; "
+            f"live node groups: {', '.join(groups)}. Fix the selector or the resources, or add nodes to that group."
+        )
+        if role == "primary" and has_fallback:
+            # Spot GPUs may all be gone right now; the fallback serves until they return.
+            logger.warning("%s The fallback deployment serves meanwhile.", message)
+            continue
+        raise PlacementError(message)

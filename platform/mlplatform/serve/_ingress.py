@@ -1,0 +1,254 @@
+"""FastAPI ingress: API key → request contract → router (canary split, GPU→CPU fallback) → model.
+
+Health, contract and OpenAPI endpoints are open; /v1/predict needs a key. Bad input is
+answered here (400/401/403/413/422) and never reaches a model's batch queue.
+
+No `from __future__ import annotations` here: FastAPI must see real annotations (a string
+"Request" on a method wrapped by serve.ingress is taken for a query parameter).
+"""
+
+
+import asyncio
+import hashlib
+import logging
+import time
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+from ray import serve
+from ray.serve.exceptions import BackPressureError
+
+from mlplatform.serve._contract import Contract, ContractViolation
+from mlplatform.serve._keys import KeyChecker
+
+logger = logging.getLogger("ray.serve")
+
+
+class PredictRequest(BaseModel):
+    """Body of POST /v1/predict (documented in the OpenAPI schema; checked by the contract)."""
+
+    inputs: list[list[float]] = Field(description="Rows of features; shape and limits: GET /v1/contract.")
+
+
+class PredictResponse(BaseModel):
+    """Model outputs, one row per input row."""
+
+    outputs: list[list[float]] = Field(description="Model outputs per input row.")
+    predictions: list[int] | None = Field(None, description="Arg-max class per row (classifiers).")
+    model: str = Field(description="The registry version that answered, e.g. digits@3.")
+    served_by: str = Field(description="Deployment and variant that answered, e.g. primary/onnx_int8.")
+
+
+class ErrorResponse(BaseModel):
+    """Every refusal: {"error": {code, message, field}}."""
+
+    error: dict[str, str] = Field(description="code, message and the field at fault.")
+
+
+api = FastAPI(
+    title="mlplatform model serving",
+    description="Predictions from a registered model version. Send `Authorization: Bearer <key>` or `X-API-Key`.",
+    version="1",
+)
+
+_ERRORS = {c: {"model": ErrorResponse} for c in (400, 401, 403, 413, 422, 503)}
+_UNAVAILABLE = ("RayActorError", "ActorDiedError", "ActorUnavailableError", "DeploymentUnavailableError",
+                "RequestCancelledError")
+
+
+class _NoReplica(Exception):
+    pass
+
+
+async def _await(response):
+    return await response
+
+
+@serve.ingress(api)
+class Ingress:
+    """One ingress replica: auth, contract, routing, metrics."""
+
+    def __init__(self, settings: dict[str, Any], primary, fallback=None, canary=None):
+        self.s = settings
+        self.app_name = settings["app"]
+        self.contract = Contract(**settings["contract"])
+        self.keys = KeyChecker(self.app_name, settings["keys_dir"]) if settings["auth"] else None
+        self.handles = {"primary": primary, "fallback": fallback, "canary": canary}
+        self.running: dict[str, int] = {}
+        self._poller: asyncio.Task | None = None
+        self._in_flight = 0
+
+    # --- open endpoints ---
+
+    @api.get("/healthz", summary="Liveness and model replica counts (no key needed).")
+    async def healthz(self) -> dict[str, Any]:
+        self._ensure_poller()
+        return {"status": "ok", "app": self.app_name, "model": self.s["version"], "canary": self.s.get("canary_version"),
+                "running_replicas": self.running}
+
+    @api.get("/v1/contract", summary="What a prediction request must look like (no key needed).")
+    async def contract_info(self) -> dict[str, Any]:
+        return self.contract.describe()
+
+    # --- predictions ---
+
+    @api.post(
+        "/v1/predict", summary="Predict a batch of rows.", response_model=PredictResponse, responses=_ERRORS,
+        openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
+            "schema": PredictRequest.model_json_schema()}}}},
+    )
+    async def predict(self, request: Request):
+        self._ensure_poller()
+        start = time.perf_counter()
+        self._in_flight += 1
+        version, served_by, code = self.s["version"], "none", 500
+        try:
+            key_id = self._authenticate(request)
+            self.contract.check_length(request.headers.get("content-length"))
+            x = self.contract.parse(await self._body(request))
+            role = self._choose(key_id or request.headers.get("x-caller-id") or _client(request))
+            version = self.s["canary_version"] if role == "canary" else self.s["version"]
+            result, served_by, fallback_reason = await self._call(role, x)
+            outputs = result["outputs"]
+            body: dict[str, Any] = {"outputs": outputs.tolist(), "model": version, "served_by": served_by}
+            if result.get("task") == "classification" and outputs.ndim == 2:
+                body["predictions"] = outputs.argmax(axis=1).tolist()
+            headers = {"X-Model-Version": version, "X-Served-By": served_by, "X-Batch-Rows": str(result["batch_rows"])}
+            if fallback_reason:
+                headers["X-Fallback"] = fallback_reason
+            code = 200
+            return JSONResponse(body, headers=headers)
+        except ContractViolation as e:
+            code = e.status
+            self._metric("invalid", {"app": self.app_name, "reason": e.code})
+            headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
+            return JSONResponse(e.body(), status_code=e.status, headers=headers)
+        except (BackPressureError, _NoReplica) as e:
+            code = 503
+            retry = self.s["retry_after_s"]
+            what = "overloaded" if isinstance(e, BackPressureError) else "no_replica"
+            message = (f"Model deployment is at capacity ({e}); retry after {retry:g} s." if what == "overloaded"
+                       else f"No healthy model replica ({e}); retry after {retry:g} s.")
+            return JSONResponse({"error": {"code": what, "message": message, "field": ""}}, status_code=503,
+                                headers={"Retry-After": str(max(1, round(retry)))})
+        except Exception as e:  # a model failure on valid input: a real server error, reported plainly
+            logger.exception("prediction failed")
+            return JSONResponse({"error": {"code": "model_error", "message": f"{type(e).__name__}", "field": ""}},
+                                status_code=500)
+        finally:
+            self._in_flight -= 1
+            tags = {"app": self.app_name, "version": version}
+            self._metric("requests", {**tags, "code": str(code), "served_by": served_by})
+            self._metric("latency", tags, (time.perf_counter() - start) * 1000, observe=True)
+
+    # --- pieces ---
+
+    def _authenticate(self, request: Request) -> str | None:
+        if self.keys is None:
+            return None
+        auth = request.headers.get("authorization", "")
+        presented = auth[7:].strip() if auth[:7].lower() == "bearer " else request.headers.get("x-api-key")
+        verdict, key_id = self.keys.check(presented)
+        if verdict == KeyChecker.OK:
+            return key_id
+        if verdict == KeyChecker.FORBIDDEN:
+            raise ContractViolation(403, "forbidden", f"This key is not valid for application {self.app_name!r}.",
+                                    "Authorization")
+        what = "No API key" if verdict == KeyChecker.MISSING else "Invalid or revoked API key"
+        raise ContractViolation(
+            401, "unauthorized", f"{what}; send `Authorization: Bearer <key>` or `X-API-Key: <key>` "
+            f"(create one with `mlplatform serve keys create {self.app_name}`).", "Authorization",
+        )
+
+    async def _body(self, request: Request) -> bytes:
+        # Stream with a running total: a body without Content-Length cannot exceed the limit either.
+        chunks, total = [], 0
+        async for chunk in request.stream():
+            total += len(chunk)
+            if total > self.contract.max_payload_bytes:
+                raise self.contract._too_big(total)
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _choose(self, caller: str) -> str:
+        percent = self.s.get("canary_percent") or 0
+        if not self.handles["canary"] or percent <= 0:
+            return "primary"
+        # Sticky: one caller always lands on the same side while the split is unchanged.
+        bucket = int.from_bytes(hashlib.sha256(caller.encode()).digest()[:4], "big") % 10000
+        return "canary" if bucket < percent * 100 else "primary"
+
+    async def _call(self, role: str, x) -> tuple[dict[str, Any], str, str | None]:
+        handle = self.handles[role]
+        fallback = self.handles["fallback"] if role == "primary" else None
+        name = f"{role}/{self.s['variants'][role]}"
+        if fallback is not None and role not in self.running:
+            await self._poll_once()  # first request of a fresh ingress: know before routing
+        if fallback is not None and self.running.get(role) == 0:
+            return await self._fallback(x, "no_healthy_replica")
+        try:
+            if fallback is None:
+                return await handle.remote(x), name, None
+            return await asyncio.wait_for(_await(handle.remote(x)), self.s["primary_timeout_s"]), name, None
+        except BackPressureError:
+            raise
+        except asyncio.TimeoutError:
+            if fallback is None:
+                raise
+            return await self._fallback(x, "primary_timeout")
+        except Exception as e:
+            if type(e).__name__ not in _UNAVAILABLE and not any(n in type(e).__name__ for n in _UNAVAILABLE):
+                raise
+            if fallback is None:
+                raise _NoReplica(f"{role}: {type(e).__name__}") from None
+            return await self._fallback(x, "primary_unavailable")
+
+    async def _fallback(self, x, reason: str) -> tuple[dict[str, Any], str, str]:
+        self._metric("fallback", {"app": self.app_name, "version": self.s["version"], "reason": reason})
+        result = await self.handles["fallback"].remote(x)
+        return result, f"fallback/{self.s['variants']['fallback']}", reason
+
+    def _ensure_poller(self) -> None:
+        if self._poller is None or self._poller.done():
+            self._poller = asyncio.get_running_loop().create_task(self._poll())
+
+    async def _poll(self) -> None:
+        while True:
+            await self._poll_once()
+            await asyncio.sleep(self.s.get("poll_interval_s", 1.0))
+
+    async def _poll_once(self) -> None:
+        """Running replicas per model deployment, from the Serve controller."""
+        try:
+            status = await asyncio.to_thread(serve.status)
+            deployments = status.applications[serve.get_replica_context().app_name].deployments
+            for role in (r for r, h in self.handles.items() if h is not None):
+                states = deployments[role].replica_states if role in deployments else {}
+                n = sum(v for k, v in states.items() if str(getattr(k, "value", k)) == "RUNNING")
+                self.running[role] = n
+                self._metric("replicas", {"app": self.app_name, "deployment": role}, n, gauge=True)
+            self._metric("in_flight", {"app": self.app_name}, self._in_flight, gauge=True)
+        except Exception as e:  # the controller restarting must not stop the poller
+            logger.debug("replica poll failed: %s", e)
+
+    @staticmethod
+    def _metric(name: str, tags: dict[str, str], value: float = 1.0, observe: bool = False, gauge: bool = False):
+        from mlplatform.serve._metrics import metrics
+
+        try:
+            m = metrics()[name]
+            if gauge:
+                m.set(value, tags=tags)
+            elif observe:
+                m.observe(value, tags=tags)
+            else:
+                m.inc(value, tags=tags)
+        except Exception as e:  # metrics must never fail a request
+            logger.debug("metric %s failed: %s", name, e)
+
+
+def _client(request: Request) -> str:
+    return request.client.host if request.client else "anonymous"
+

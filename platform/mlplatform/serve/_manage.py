@@ -1,0 +1,70 @@
+"""deploy / status / delete of Serve config files on a cluster (what `mlplatform serve ...` calls)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mlplatform import config
+from mlplatform.serve._spec import ServeConfigFile
+
+
+def check_config(path: str | os.PathLike) -> ServeConfigFile:
+    """Validate a serve_apps/*.yaml, every application's `args:` included (SpecError lists all problems)."""
+    return config.load(path, ServeConfigFile)
+
+
+def deploy(path: str | os.PathLike, *, cluster: str | None = None, address: str | None = None) -> list[str]:
+    """Validate a Serve config file, then submit it as `serve deploy` does; returns the app names.
+
+    The applications build on the cluster (model fetch, placement check) after this returns;
+    follow them with `status()`.
+    """
+    from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
+
+    spec = check_config(path)
+    raw = yaml.safe_load(Path(path).read_text())
+    ServeSubmissionClient(address or _dashboard(cluster)).deploy_applications(raw)
+    return [a.name for a in spec.applications]
+
+
+def status(*, cluster: str | None = None, address: str | None = None) -> dict[str, Any]:
+    """Per application: status, message and per-deployment status and replica counts."""
+    from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
+
+    details = ServeSubmissionClient(address or _dashboard(cluster)).get_serve_details()
+    out = {}
+    for name, app in (details.get("applications") or {}).items():
+        out[name] = {
+            "status": app.get("status"), "message": app.get("message", ""), "route_prefix": app.get("route_prefix"),
+            "deployments": {
+                d: {"status": info.get("status"), "replicas": len(info.get("replicas") or [])}
+                for d, info in (app.get("deployments") or {}).items()
+            },
+        }
+    return out
+
+
+def delete(app: str, *, cluster: str | None = None) -> None:
+    """Delete one Serve application (its replicas stop; other applications stay)."""
+    import ray
+    from ray import serve
+
+    from mlplatform.cluster import connect
+
+    if not ray.is_initialized():
+        connect(cluster)
+    serve.delete(app)
+
+
+def _dashboard(cluster: str | None) -> str:
+    if os.environ.get("RAY_DASHBOARD_ADDRESS") and cluster is None:
+        return os.environ["RAY_DASHBOARD_ADDRESS"]
+    from mlplatform.cluster import cluster_env
+
+    env = cluster_env(cluster)
+    os.environ.update({k: v for k, v in env.items() if k.startswith("RAY_AUTH")})
+    return env["RAY_API_SERVER_ADDRESS"]

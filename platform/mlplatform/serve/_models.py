@@ -1,0 +1,207 @@
+"""Model deployments: a registered version loaded by hash-verified fetch, called in dynamic batches.
+
+Both classes take one plain `settings` dict (built by the app builder) and expose
+`__call__(x) -> {"outputs", "batch_rows", "task"}`; `@serve.batch` sits on the model
+call, counted in rows, so requests of several rows share a batch fairly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from ray import serve
+
+from mlplatform.errors import ModelNotDeployable, ServeError
+
+logger = logging.getLogger("ray.serve")
+
+VARIANT_FILES = {"onnx_int8": "model.int8.onnx", "onnx_fp32": "model.onnx", "torch": "model.safetensors"}
+REPORT_FILE = "export_report.json"
+SAMPLE_FILE = "reference_sample.parquet"
+
+
+def _rows(items: list[np.ndarray]) -> int:
+    return sum(len(x) for x in items)
+
+
+def deployable_variants(report: dict[str, Any]) -> dict[str, tuple[str, bool]]:
+    """variant → (file, deployable) from an export_report.json (list or mapping form)."""
+    raw = report.get("variants") or []
+    items = raw.items() if isinstance(raw, dict) else ((v.get("variant"), v) for v in raw)
+    return {name: (v.get("file", VARIANT_FILES.get(name, "")), bool(v.get("deployable"))) for name, v in items if name}
+
+
+def check_variant(files: dict[str, Any], report: dict[str, Any] | None, variant: str, ref: str, where: str) -> str:
+    """The file of `variant` in a version, refusing one its export gate did not pass.
+
+    Raises:
+        ModelNotDeployable: the file is absent or the export report marks the variant not deployable.
+    """
+    if variant != "torch":
+        gated = deployable_variants(report or {})
+        if variant in gated:
+            file, ok = gated[variant]
+            if not ok:
+                raise ModelNotDeployable(
+                    f"Got {variant!r} for `{where}.variant`; {ref}'s export gate marked it NOT deployable "
+                    f"(see {REPORT_FILE}). Serve another variant ({sorted(k for k, (_, d) in gated.items() if d)}) "
+                    f"or re-export with a gate it passes."
+                )
+        elif report is not None or variant not in VARIANT_FILES:
+            raise ModelNotDeployable(
+                f"Got {variant!r} for `{where}.variant`; {ref} has no such exported variant "
+                f"(has {sorted(gated) or 'none'}). Run `mlplatform export --model {ref}` first."
+            )
+        else:
+            file = VARIANT_FILES[variant]
+    else:
+        file = VARIANT_FILES["torch"]
+    if file not in files:
+        raise ModelNotDeployable(
+            f"Got {variant!r} for `{where}.variant`; {ref} has no file {file!r} (files: {sorted(files)})."
+        )
+    return file
+
+
+class _Model:
+    """Fetch, verify and hold one version; batch, meter and drift-check every call."""
+
+    def __init__(self, settings: dict[str, Any]):
+        from mlplatform import registry
+
+        self.s = settings
+        self._work = Path(tempfile.mkdtemp(prefix="mlplatform-serve-"))
+        self.dir = self._work / "version"
+        registry.fetch(settings["ref"], self.dir, root=settings["root"])  # verifies every hash
+        files = {p.name: p for p in self.dir.iterdir()}
+        report = json.loads((self.dir / REPORT_FILE).read_text()) if REPORT_FILE in files else None
+        self.file = check_variant(files, report, settings["variant"], settings["ref"], settings["role"])
+        meta = json.loads((self.dir / "metadata.json").read_text()) if "metadata.json" in files else {}
+        self.task = meta.get("task", "")
+        self.input_name = ((meta.get("input_signature") or {}).get("names") or ["input"])[0]
+        self._tags = {"app": settings["app"], "deployment": settings["role"], "version": settings["ref"]}
+        self._drift = self._drift_monitor(meta) if settings.get("drift_enabled") and SAMPLE_FILE in files else None
+        self._batched.set_max_batch_size(settings["max_batch_size"])
+        self._batched.set_batch_wait_timeout_s(settings["batch_wait_timeout_s"])
+
+    def _drift_monitor(self, meta: dict[str, Any]):
+        import pyarrow.parquet as pq
+
+        from mlplatform.serve._drift import DriftMonitor
+
+        table = pq.read_table(self.dir / SAMPLE_FILE)
+        cols = (meta.get("input_signature") or {}).get("feature_columns") or [
+            c for c in table.column_names if c != (meta.get("spec", {}).get("dataset", {}) or {}).get("label_column", "label")
+        ]
+        self.features = cols
+        ref = np.column_stack([table.column(c).to_numpy() for c in cols]).astype(np.float64)
+        return DriftMonitor(ref, self.s["drift_window_rows"])
+
+    async def __call__(self, x: np.ndarray) -> dict[str, Any]:
+        return await self._batched(x)
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005, batch_size_fn=_rows)
+    async def _batched(self, xs: list[np.ndarray]) -> list[dict[str, Any]]:
+        big = xs[0] if len(xs) == 1 else np.concatenate(xs)
+        # Off the event loop: requests arriving meanwhile queue up into the next batch.
+        out = await asyncio.to_thread(self._run, big)
+        self._observe(big)
+        parts, start = [], 0
+        for x in xs:
+            parts.append({"outputs": out[start : start + len(x)], "batch_rows": len(big), "task": self.task})
+            start += len(x)
+        return parts
+
+    def _observe(self, big: np.ndarray) -> None:
+        from mlplatform.serve._metrics import metrics
+
+        m = metrics()
+        m["batch_rows"].observe(len(big), tags=self._tags)
+        if self._drift is not None and big.ndim == 2 and big.shape[1] == len(self.features):
+            psi = self._drift.observe(big)
+            if psi is not None:
+                tags = {"app": self.s["app"], "version": self.s["ref"]}
+                for name, value in zip(self.features, psi):
+                    m["psi"].set(float(value), tags={**tags, "feature": name})
+                m["drift_alert"].set(float((psi > self.s["drift_alert_psi"]).any()), tags=tags)
+
+    def _run(self, x: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def info(self) -> dict[str, Any]:
+        """What this replica serves (for status and tests)."""
+        import ray
+
+        return {"ref": self.s["ref"], "variant": self.s["variant"], "file": self.file,
+                "node_id": ray.get_runtime_context().get_node_id()}
+
+    def __del__(self):
+        shutil.rmtree(getattr(self, "_work", ""), ignore_errors=True)
+
+
+class OnnxCpuModel(_Model):
+    """ONNX Runtime on CPU; intra-op threads = the replica's CPUs."""
+
+    def __init__(self, settings: dict[str, Any]):
+        super().__init__(settings)
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = max(1, int(settings["num_cpus"]))
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        try:
+            self.session = ort.InferenceSession(str(self.dir / self.file), options, providers=["CPUExecutionProvider"])
+        except Exception as e:  # ORT raises its own Fail/InvalidGraph types
+            raise ServeError(f"{settings['ref']}: ONNX Runtime cannot load {self.file}: {e}") from None
+        self.input_name = self.session.get_inputs()[0].name
+        self._dtype = np.float32 if "float" in self.session.get_inputs()[0].type else np.int64
+
+    def _run(self, x: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input_name: x.astype(self._dtype, copy=False)})[0]
+
+
+class TorchGpuModel(_Model):
+    """The torch model from model.safetensors on CUDA in bf16/fp16 (or a CPU stand-in when asked)."""
+
+    def __init__(self, settings: dict[str, Any]):
+        super().__init__(settings)
+        import torch
+
+        from mlplatform.train import artifact
+
+        want = settings.get("device", "auto")
+        if want == "cuda" and not torch.cuda.is_available():
+            raise ServeError(
+                f"`{settings['role']}.device` is cuda but this replica sees no CUDA device; place it on a GPU "
+                f"node group (label_selector) with num_gpus > 0, or set device: cpu for a CPU stand-in."
+            )
+        self.device = torch.device("cuda" if want != "cpu" and torch.cuda.is_available() else "cpu")
+        self.dtype = getattr(torch, settings.get("dtype", "bfloat16"))
+        if self.device.type == "cpu":
+            torch.set_num_threads(max(1, int(settings["num_cpus"])))
+        self.model = artifact.load_model(self.dir).to(self.device, self.dtype).eval()
+
+    def _run(self, x: np.ndarray) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            t = torch.from_numpy(np.ascontiguousarray(x)).to(self.device, non_blocking=True)
+            t = t.to(self.dtype) if t.is_floating_point() else t
+            return self.model(t).float().cpu().numpy()
+
+    def check_health(self) -> None:
+        # A GPU that fell off the bus (or a spot node being reclaimed) fails here, and Serve
+        # replaces the replica; meanwhile the router sends traffic to the fallback.
+        if self.device.type == "cuda":
+            import torch
+
+            torch.ones(1, device=self.device).add_(1)
+            torch.cuda.synchronize(self.device)

@@ -1,0 +1,279 @@
+"""ServeSpec: what a user writes under `args:` of a serve_apps/*.yaml (no Ray import here).
+
+Autoscaling presets are starting points; a spec overrides them field by field:
+
+    autoscaling: {preset: throughput, max_replicas: 2}
+"""
+
+from __future__ import annotations
+
+import re
+from enum import Enum
+from typing import Any
+
+from pydantic import Field, field_validator, model_validator
+
+from mlplatform.config import Spec
+
+_APP_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+_REF = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*@[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+class Variant(str, Enum):
+    """Which file of a registered version a model deployment runs."""
+
+    ONNX_INT8 = "onnx_int8"
+    ONNX_FP32 = "onnx_fp32"
+    TORCH = "torch"
+
+
+class Preset(str, Enum):
+    """Named autoscaling starting points."""
+
+    LATENCY = "latency"
+    THROUGHPUT = "throughput"
+    COST = "cost"
+
+
+class TorchDtype(str, Enum):
+    """Precision a torch deployment runs in."""
+
+    BFLOAT16 = "bfloat16"
+    FLOAT16 = "float16"
+    FLOAT32 = "float32"
+
+
+# Why these numbers: `latency` keeps queues short (few ongoing requests per replica, fast
+# upscale, slow downscale); `throughput` lets batches fill; `cost` may scale to zero.
+PRESETS: dict[Preset, dict[str, Any]] = {
+    Preset.LATENCY: dict(min_replicas=1, max_replicas=4, initial_replicas=1, target_ongoing_requests=2.0,
+                         upscale_delay_s=3.0, downscale_delay_s=60.0),
+    Preset.THROUGHPUT: dict(min_replicas=1, max_replicas=8, initial_replicas=1, target_ongoing_requests=16.0,
+                            upscale_delay_s=10.0, downscale_delay_s=120.0),
+    Preset.COST: dict(min_replicas=0, max_replicas=2, initial_replicas=1, target_ongoing_requests=8.0,
+                      upscale_delay_s=15.0, downscale_delay_s=30.0),
+}
+
+
+class AutoscalingSpec(Spec):
+    """A preset plus field-by-field overrides; becomes Serve's autoscaling_config."""
+
+    preset: Preset = Field(Preset.LATENCY, description="Starting point: latency, throughput or cost.")
+    min_replicas: int | None = Field(None, ge=0, description="Fewest replicas (0 allows scale to zero). Default: preset.")
+    max_replicas: int | None = Field(None, ge=1, description="Most replicas. Default: preset.")
+    initial_replicas: int | None = Field(None, ge=0, description="Replicas at deploy time. Default: preset.")
+    target_ongoing_requests: float | None = Field(
+        None, gt=0, description="Ongoing requests per replica the autoscaler aims for. Default: preset."
+    )
+    upscale_delay_s: float | None = Field(None, ge=0, description="Seconds of high load before adding replicas.")
+    downscale_delay_s: float | None = Field(None, ge=0, description="Seconds of low load before removing replicas.")
+
+    def resolved(self) -> dict[str, Any]:
+        """The preset with this spec's overrides applied (Serve autoscaling_config keys)."""
+        out = dict(PRESETS[self.preset])
+        out.update({k: v for k, v in self.model_dump(exclude={"preset"}).items() if v is not None})
+        return out
+
+    @model_validator(mode="after")
+    def _ordered(self) -> AutoscalingSpec:
+        r = self.resolved()
+        if not r["min_replicas"] <= r["initial_replicas"] <= r["max_replicas"]:
+            raise ValueError(
+                f"min_replicas {r['min_replicas']} <= initial_replicas {r['initial_replicas']} <= max_replicas "
+                f"{r['max_replicas']} must hold after applying preset {self.preset.value!r}; override the others too"
+            )
+        return self
+
+
+class BatchingSpec(Spec):
+    """Dynamic batching of the model call (`@serve.batch`), counted in rows."""
+
+    max_batch_size: int = Field(32, ge=1, le=4096, description="Most rows run in one model call.")
+    batch_wait_timeout_s: float = Field(
+        0.005, ge=0, le=1, description="Longest a first request waits for others to join its batch, in seconds."
+    )
+
+
+class ModelDeploymentSpec(Spec):
+    """One model deployment: variant, placement, batching, scaling and backpressure."""
+
+    variant: Variant = Field(Variant.ONNX_INT8, description="onnx_int8, onnx_fp32 (ONNX Runtime) or torch.")
+    label_selector: dict[str, str] = Field(
+        default_factory=lambda: {"ray.io/node-group": "cpu"},
+        description="Ray label selector the replicas must be placed by, e.g. {'ray.io/node-group': 'cpu'}.",
+    )
+    num_cpus: float = Field(1.0, gt=0, description="CPUs per replica; ONNX Runtime uses this many intra-op threads.")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per replica (torch on CUDA).")
+    device: str = Field(
+        "auto", pattern="^(auto|cuda|cpu)$",
+        description="torch only: cuda, cpu (a CPU stand-in), or auto (cuda when present, else cpu).",
+    )
+    dtype: TorchDtype = Field(TorchDtype.BFLOAT16, description="torch only: bfloat16, float16 or float32.")
+    replicas: int | None = Field(
+        None, ge=0, description="Fixed replica count; when set, autoscaling is off for this deployment."
+    )
+    autoscaling: AutoscalingSpec = Field(default_factory=AutoscalingSpec, description="Autoscaling preset and overrides.")
+    batching: BatchingSpec = Field(default_factory=BatchingSpec, description="Dynamic batching of the model call.")
+    max_ongoing_requests: int = Field(64, ge=1, description="Requests one replica works on at once (Serve).")
+    max_queued_requests: int = Field(
+        128, ge=1, description="Requests waiting for a replica before new ones get 503 with Retry-After (Serve)."
+    )
+
+
+class IngressSpec(Spec):
+    """The FastAPI ingress: auth, request contract, routing, metrics."""
+
+    label_selector: dict[str, str] = Field(
+        default_factory=dict, description="Ray label selector for the ingress replicas (empty: anywhere)."
+    )
+    num_cpus: float = Field(0.25, ge=0, description="CPUs reserved per ingress replica.")
+    replicas: int | None = Field(None, ge=1, description="Fixed replica count; when set, autoscaling is off.")
+    autoscaling: AutoscalingSpec = Field(
+        default_factory=lambda: AutoscalingSpec(max_replicas=2),
+        description="Autoscaling of the ingress replicas.",
+    )
+    max_ongoing_requests: int = Field(256, ge=1, description="Requests one ingress replica handles at once.")
+    max_queued_requests: int = Field(512, ge=1, description="Requests queued at the proxy before 503.")
+    retry_after_s: float = Field(1.0, ge=0, description="Retry-After header (seconds) sent with every 503.")
+
+
+class LimitsSpec(Spec):
+    """Request limits enforced before anything reaches a model."""
+
+    max_rows: int = Field(32, ge=1, description="Most input rows in one request (413 beyond).")
+    max_payload_bytes: int = Field(1 << 20, ge=64, description="Largest request body in bytes (413 beyond).")
+
+
+class AuthSpec(Spec):
+    """API keys: every prediction needs one of this application's keys."""
+
+    enabled: bool = Field(True, description="Require an API key on prediction endpoints.")
+    keys_dir: str | None = Field(
+        None, description="Directory of the hashed key files; default $MLPLATFORM_HOME/serve/keys."
+    )
+
+
+class FallbackSpec(Spec):
+    """When the primary deployment has no healthy replica, serve from a second deployment."""
+
+    enabled: bool = Field(True, description="Allow requests to go to the fallback deployment.")
+    deployment: ModelDeploymentSpec = Field(
+        default_factory=ModelDeploymentSpec, description="The fallback (by default ONNX INT8 on the cpu group)."
+    )
+    primary_timeout_s: float = Field(
+        5.0, gt=0, description="A primary call slower than this is retried on the fallback."
+    )
+
+
+class CanarySpec(Spec):
+    """A second version taking a share of traffic, sticky per caller key."""
+
+    model: str = Field(description="Registry reference of the canary version, e.g. 'digits@canary' or 'digits@4'.")
+    percent: float = Field(10.0, ge=0, le=100, description="Share of callers (by key) sent to the canary.")
+    deployment: ModelDeploymentSpec = Field(default_factory=ModelDeploymentSpec, description="The canary's deployment.")
+
+    @field_validator("model")
+    @classmethod
+    def _ref(cls, v: str) -> str:
+        return _check_ref(v)
+
+
+class DriftSpec(Spec):
+    """Population stability index of live inputs against the version's reference sample."""
+
+    enabled: bool = Field(True, description="Compute per-feature PSI in the model replicas.")
+    window_rows: int = Field(2000, ge=100, description="Live rows per PSI window.")
+    alert_psi: float = Field(0.2, gt=0, description="PSI above this for any feature raises the alert gauge.")
+
+
+class ServeSpec(Spec):
+    """A served model: `args:` of serve_apps/*.yaml, passed to mlplatform.serve:build_app."""
+
+    name: str = Field(description="Application name (lowercase letters, digits, '-'); scopes its API keys.")
+    model: str = Field(description="Registry reference: 'name@alias' (e.g. digits@production) or 'name@N'.")
+    registry_root: str = Field(description="Registry root path or URI the replicas load from.")
+    primary: ModelDeploymentSpec = Field(
+        default_factory=ModelDeploymentSpec, description="The model deployment that takes traffic first."
+    )
+    fallback: FallbackSpec | None = Field(None, description="CPU fallback when the primary has no healthy replica.")
+    canary: CanarySpec | None = Field(None, description="Traffic split to a second version.")
+    ingress: IngressSpec = Field(default_factory=IngressSpec, description="The HTTP ingress deployment.")
+    limits: LimitsSpec = Field(default_factory=LimitsSpec, description="Request size limits.")
+    auth: AuthSpec = Field(default_factory=AuthSpec, description="API key settings.")
+    drift: DriftSpec = Field(default_factory=DriftSpec, description="Input drift monitoring.")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _APP_NAME.match(v):
+            raise ValueError("must be 1-63 lowercase letters, digits or '-', starting with a letter or digit")
+        return v
+
+    @field_validator("model")
+    @classmethod
+    def _model(cls, v: str) -> str:
+        return _check_ref(v)
+
+    @model_validator(mode="after")
+    def _limits_fit_batches(self) -> ServeSpec:
+        # A request larger than a batch could never be scheduled by @serve.batch.
+        for where, dep in self.deployments().items():
+            if self.limits.max_rows > dep.batching.max_batch_size:
+                raise ValueError(
+                    f"limits.max_rows {self.limits.max_rows} exceeds {where}.batching.max_batch_size "
+                    f"{dep.batching.max_batch_size}; a request must fit in one batch"
+                )
+        return self
+
+    def deployments(self) -> dict[str, ModelDeploymentSpec]:
+        """Model deployments by role: primary, fallback (if enabled), canary (if any)."""
+        out = {"primary": self.primary}
+        if self.fallback and self.fallback.enabled:
+            out["fallback"] = self.fallback.deployment
+        if self.canary:
+            out["canary"] = self.canary.deployment
+        return out
+
+
+def _check_ref(v: str) -> str:
+    if not _REF.match(v):
+        raise ValueError("must be 'name@alias' or 'name@N', e.g. 'digits@production' or 'digits@3'")
+    return v
+
+
+class ServeApplicationConfig(Spec):
+    """One entry of a Serve config file's `applications:` whose args are a ServeSpec."""
+
+    name: str = Field(description="Serve application name; should equal args.name.")
+    import_path: str = Field(
+        "mlplatform.serve:build_app", pattern=r"^mlplatform\.serve:build_app$",
+        description="Must be mlplatform.serve:build_app.",
+    )
+    route_prefix: str = Field("/", pattern=r"^/[A-Za-z0-9/_-]*$", description="HTTP route prefix of the application.")
+    runtime_env: dict[str, Any] = Field(default_factory=dict, description="Ray runtime_env for the application.")
+    args: ServeSpec = Field(description="The application's ServeSpec.")
+
+    @model_validator(mode="after")
+    def _same_name(self) -> ServeApplicationConfig:
+        if self.name != self.args.name:
+            raise ValueError(f"name {self.name!r} differs from args.name {self.args.name!r}; make them equal")
+        return self
+
+
+class HttpOptions(Spec):
+    """The subset of Serve's http_options the shipped configs use."""
+
+    host: str = Field("127.0.0.1", description="Address the Serve proxy listens on.")
+    port: int = Field(8000, ge=1, le=65535, description="Port the Serve proxy listens on.")
+    request_timeout_s: float | None = Field(None, gt=0, description="End-to-end HTTP request timeout of the proxy.")
+
+
+class ServeConfigFile(Spec):
+    """A serve_apps/*.yaml: Serve's config file with every application's args validated."""
+
+    proxy_location: str = Field(
+        "HeadOnly", pattern="^(HeadOnly|EveryNode|Disabled)$",
+        description="Where Serve runs HTTP proxies: HeadOnly (one proxy, least memory), EveryNode or Disabled.",
+    )
+    http_options: HttpOptions = Field(default_factory=HttpOptions, description="Serve HTTP proxy options.")
+    applications: list[ServeApplicationConfig] = Field(min_length=1, description="The applications to deploy.")

@@ -1,0 +1,124 @@
+"""The final artifact: what the model registry takes as is, and the loader that rebuilds the model.
+
+Layout of an artifact directory:
+
+    model.safetensors         consolidated fp32 weights (every parameter and buffer)
+    metadata.json             model_ref, model_kwargs, spec, metrics, dataset_fingerprint,
+                              input_signature, output_signature, created_at, ray_job_id, ...
+    reference_sample.parquet  the first training inputs (raw columns), the drift reference
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from mlplatform.errors import TrainArtifactError as ArtifactError
+
+WEIGHTS = "model.safetensors"
+METADATA = "metadata.json"
+SAMPLE = "reference_sample.parquet"
+
+
+def load_model(artifact_dir: str | os.PathLike):
+    """The trained `nn.Module` (fp32, eval mode) rebuilt from an artifact directory.
+
+    Raises:
+        ArtifactError: the directory lacks metadata.json or model.safetensors, or they disagree.
+    """
+    meta = read_metadata(artifact_dir)
+    weights = Path(artifact_dir) / WEIGHTS
+    if not weights.is_file():
+        raise ArtifactError(f"{artifact_dir}: no {WEIGHTS}; the training run did not finish writing its artifact.")
+    return build_with_weights(meta["model_ref"], meta.get("model_kwargs") or {}, weights)
+
+
+def build_with_weights(ref: str, kwargs: dict[str, Any], weights: str | os.PathLike):
+    """Build the model a reference names and load a safetensors file into it (fp32, eval mode)."""
+    from safetensors.torch import load_model as load_weights
+
+    from mlplatform.train import models
+
+    model = models.build(ref, kwargs)
+    try:
+        load_weights(model, str(weights))
+    except RuntimeError as e:
+        raise ArtifactError(f"{weights}: does not fit {ref} with its kwargs ({e}).") from None
+    return model.float().eval()
+
+
+def read_metadata(artifact_dir: str | os.PathLike) -> dict[str, Any]:
+    """metadata.json of an artifact directory."""
+    path = Path(artifact_dir) / METADATA
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ArtifactError(f"{path}: missing; is {artifact_dir} a training artifact directory?") from None
+    except (OSError, ValueError) as e:
+        raise ArtifactError(f"{path}: unreadable ({e}).") from None
+
+
+def write_artifact(target: str, weights_file: str, metadata: dict[str, Any], sample_table) -> str:
+    """Write the artifact directory at `target` atomically (a complete directory or none)."""
+    import pyarrow.parquet as pq
+
+    target_path = Path(target)
+    target_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target_path.name}.", dir=target_path.parent))
+    try:
+        shutil.copyfile(weights_file, tmp / WEIGHTS)
+        pq.write_table(sample_table, tmp / SAMPLE)
+        meta = {**metadata, "created_at": datetime.now(timezone.utc).isoformat()}
+        (tmp / METADATA).write_text(json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n")
+        if target_path.exists():
+            # Keep the previous artifact until the new one is in place.
+            old = target_path.with_name(f".{target_path.name}.old-{uuid.uuid4().hex[:8]}")
+            os.replace(target_path, old)
+            os.replace(tmp, target_path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target_path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return str(target_path)
+
+
+def evaluate(model, x, y, task: str) -> dict[str, float]:
+    """Held-out metrics of an fp32 model on numpy inputs (the numbers metadata.json reports)."""
+    import math
+
+    import torch
+
+    model.eval()
+    total, loss_sum, metric_sum = 0, 0.0, 0.0
+    with torch.no_grad():
+        for i in range(0, len(x), 256):
+            xb, yb = torch.from_numpy(x[i : i + 256]), torch.from_numpy(y[i : i + 256])
+            out = model(xb).float()
+            if task == "classification":
+                metric_sum += (out.argmax(-1) == yb).sum().item()
+                loss_sum += torch.nn.functional.cross_entropy(out, yb, reduction="sum").item()
+                total += len(yb)
+            elif task == "regression":
+                se = ((out.squeeze(-1) - yb) ** 2).sum().item()
+                metric_sum += se
+                loss_sum += se
+                total += len(yb)
+            else:
+                loss_sum += torch.nn.functional.cross_entropy(
+                    out.reshape(-1, out.shape[-1]), yb.reshape(-1), reduction="sum"
+                ).item()
+                total += yb.numel()
+    total = max(total, 1)
+    if task == "classification":
+        return {"val_accuracy": metric_sum / total, "val_loss": loss_sum / total}
+    if task == "regression":
+        return {"val_rmse": math.sqrt(metric_sum / total), "val_loss": loss_sum / total}
+    return {"val_loss": loss_sum / total, "val_perplexity": math.exp(min(loss_sum / total, 50))}

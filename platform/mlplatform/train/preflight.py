@@ -1,0 +1,188 @@
+"""Checks made before any worker starts: model, data, storage and cluster capacity.
+
+Each failure names the spec field and the fix. Ray leaves work whose label selector
+no node satisfies pending forever, so capacity is checked here against the live nodes.
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from mlplatform.errors import PreflightError, SpecError
+from mlplatform.train import models
+from mlplatform.train.spec import Task, TrainSpec
+
+if TYPE_CHECKING:
+    from mlplatform.cluster import Node
+
+
+def preflight(spec: TrainSpec, cluster: bool = True) -> None:
+    """Run every check; with `cluster`, also the live-cluster capacity check (needs ray.init).
+
+    Raises:
+        SpecError: the model reference or its kwargs are wrong.
+        PreflightError: data, storage or capacity problems.
+    """
+    check_model(spec)
+    check_dataset(spec)
+    check_storage(spec)
+    if cluster:
+        import ray
+
+        from mlplatform.cluster.inventory import from_ray_nodes
+
+        check_capacity(spec, from_ray_nodes(ray.nodes()))
+
+
+def check_model(spec: TrainSpec) -> None:
+    """The model reference imports and its factory accepts the kwargs (built on the meta device)."""
+    import torch
+
+    with torch.device("meta"):
+        models.build(spec.model.ref, spec.model.kwargs, spec.activation_checkpointing)
+
+
+def check_dataset(spec: TrainSpec) -> None:
+    """Paths exist, hold Parquet files, and have the columns the task needs."""
+    ds = spec.dataset
+    if ds.path.startswith("builtin:"):
+        return
+    for field, path in (("dataset.path", ds.path), ("dataset.validation_path", ds.validation_path)):
+        if path is None:
+            continue
+        schema = _parquet_schema(field, path)
+        names = list(schema.names)
+        if spec.task == Task.CAUSAL_LM:
+            if ds.text_column not in names:
+                raise PreflightError(
+                    f"Got {path!r} for `{field}`; it has no text column `{ds.text_column}` (columns: "
+                    f"{', '.join(names)}). Set `dataset.text_column` to one of them."
+                )
+            continue
+        if ds.label_column not in names:
+            raise PreflightError(
+                f"Got {path!r} for `{field}`; it has no label column `{ds.label_column}` (columns: "
+                f"{', '.join(names)}). Set `dataset.label_column` to the target column."
+            )
+        features = ds.feature_columns or [n for n in names if n != ds.label_column]
+        missing = [c for c in features if c not in names]
+        if missing:
+            raise PreflightError(
+                f"Got {ds.feature_columns} for `dataset.feature_columns`; `{'`, `'.join(missing)}` not in {path} "
+                f"(columns: {', '.join(names)}). Drop them or fix the spelling."
+            )
+        non_numeric = [c for c in features if not _numeric(schema.field(c).type)]
+        if non_numeric:
+            raise PreflightError(
+                f"Got {path!r} for `{field}`; feature columns {', '.join(non_numeric)} are not numeric. "
+                "Encode them as numbers or list only numeric columns in `dataset.feature_columns`."
+            )
+        if not features:
+            raise PreflightError(
+                f"Got {path!r} for `{field}`; it has no feature columns besides the label. Add inputs."
+            )
+
+
+def check_storage(spec: TrainSpec) -> None:
+    """The storage path can be created and written (a probe file is written and removed)."""
+    fs, root = storage_filesystem(spec.storage_path)
+    probe = f"{root.rstrip('/')}/{spec.name}/.mlplatform-probe-{uuid.uuid4().hex}"
+    try:
+        fs.create_dir(f"{root.rstrip('/')}/{spec.name}", recursive=True)
+        with fs.open_output_stream(probe) as f:
+            f.write(b"ok")
+        fs.delete_file(probe)
+    except (OSError, ValueError) as e:
+        raise PreflightError(
+            f"Got {spec.storage_path!r} for `storage_path`; it cannot be written ({e}). Point it at a writable "
+            "directory (shared by all nodes: NFS, S3) or fix its permissions."
+        ) from None
+
+
+def check_capacity(spec: TrainSpec, nodes: Sequence[Node]) -> None:
+    """The cluster's alive nodes matching the selector can ever hold num_workers workers."""
+    selector = spec.placement.selector()
+    need = {k: v for k, v in spec.resources_per_worker.items() if v > 0}
+    if spec.use_gpu:
+        need.setdefault("GPU", 1.0)
+    need.setdefault("CPU", 1.0)
+    matching = [n for n in nodes if n.alive and n.matches(selector)]
+    fit = sum(_workers_per_node(n.resources, need) for n in matching)
+    if fit >= spec.num_workers:
+        return
+    where = f"nodes matching {selector}" if selector else "the cluster's nodes"
+    if not matching:
+        groups = sorted({f"{n.group or '?'} ({dict(n.labels)})" for n in nodes if n.alive})
+        raise PreflightError(
+            f"Got {selector} for `placement.label_selector`; no alive node matches it, so the workers would wait "
+            f"forever. Nodes: {'; '.join(groups) or 'none'}. Fix the selector"
+            + (" or set `placement.allow_spot: true`" if not spec.placement.allow_spot else "")
+            + "."
+        )
+    raise PreflightError(
+        f"Got {spec.num_workers} for `num_workers`; {where} can hold at most {fit} workers of "
+        f"{need} each (nodes: {', '.join(f'{n.name} {dict(n.resources)}' for n in matching)}). "
+        f"Lower `num_workers` to {fit}, lower `resources_per_worker`, or widen `placement.label_selector`."
+    )
+
+
+def storage_filesystem(storage_path: str):
+    """(pyarrow filesystem, path within it) for a local path or a URI."""
+    import pyarrow.fs as pafs
+
+    if "://" in storage_path:
+        try:
+            return pafs.FileSystem.from_uri(storage_path)
+        except (pa_errors() + (ValueError,)) as e:
+            raise PreflightError(
+                f"Got {storage_path!r} for `storage_path`; pyarrow cannot open it ({e}). Use a local path or a "
+                "supported URI (file://, s3://, gs://, hdfs://)."
+            ) from None
+    from pathlib import Path
+
+    return pafs.LocalFileSystem(), str(Path(storage_path).expanduser().absolute())
+
+
+def pa_errors() -> tuple[type[BaseException], ...]:
+    import pyarrow as pa
+
+    return (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError)
+
+
+def _parquet_schema(field: str, path: str):
+    import pyarrow.dataset as pads
+    import pyarrow.fs as pafs
+
+    fs, inner = storage_filesystem(path) if "://" in path else (pafs.LocalFileSystem(), path)
+    try:
+        info = fs.get_file_info(inner)
+    except pa_errors() as e:
+        raise PreflightError(f"Got {path!r} for `{field}`; it cannot be read ({e}). Check the path and access.") from None
+    if info.type == pafs.FileType.NotFound:
+        raise PreflightError(
+            f"Got {path!r} for `{field}`; it does not exist. Check the path, or use builtin:digits / builtin:tiny_corpus."
+        )
+    try:
+        dataset = pads.dataset(inner, format="parquet", filesystem=fs)
+        if not dataset.files:
+            raise PreflightError(f"Got {path!r} for `{field}`; the directory has no Parquet files. Point it at them.")
+        return dataset.schema
+    except pa_errors() as e:
+        raise PreflightError(f"Got {path!r} for `{field}`; not readable as Parquet ({e}).") from None
+
+
+def _numeric(t) -> bool:
+    import pyarrow.types as pat
+
+    return pat.is_integer(t) or pat.is_floating(t) or pat.is_boolean(t) or pat.is_decimal(t)
+
+
+def _workers_per_node(resources, need: dict[str, float]) -> int:
+    counts = [math.floor(resources.get(k, 0.0) / v + 1e-9) for k, v in need.items() if v > 0]
+    return min(counts) if counts else 0
+
+
+__all__ = ["SpecError", "check_capacity", "check_dataset", "check_model", "check_storage", "preflight"]

@@ -1,0 +1,235 @@
+"""Driver side of a run: plan, preflight, Ray Train TorchTrainer wiring, final artifact.
+
+Storage: checkpoints go to <storage_path>/<name>/checkpoint_step*/ and the artifact to
+<storage_path>/<name>/artifact/. Every node must see the same storage path: on one
+machine a local directory does; across machines use NFS or a URI (s3://, gs://).
+Submitting the same spec again resumes from its latest checkpoint (Ray Train restores
+a run by storage path and name); pick a new `name` for a fresh run.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mlplatform.errors import PreflightError, TrainingFailed
+from mlplatform.train import artifact as _artifact
+from mlplatform.train import data as _data
+from mlplatform.train.loop import FAULT_ENV, WEIGHTS, train_loop_per_worker
+from mlplatform.train.plan import Plan, plan
+from mlplatform.train.preflight import preflight, storage_filesystem
+from mlplatform.train.spec import Task, TrainSpec
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What a finished run leaves: the artifact, its metrics and the last checkpoint."""
+
+    name: str
+    artifact_dir: str
+    metrics: dict[str, Any] = field(hash=False)
+    checkpoint_path: str | None
+    steps: int
+    zero_stage: int
+    precision: str
+
+    def summary(self) -> str:
+        keys = [k for k in ("val_accuracy", "val_rmse", "val_perplexity", "val_loss") if k in self.metrics]
+        shown = ", ".join(f"{k} {self.metrics[k]:.4f}" for k in keys)
+        return (
+            f"{self.name}: {self.steps} steps, ZeRO-{self.zero_stage} {self.precision}; {shown}\n"
+            f"  artifact    {self.artifact_dir}\n  checkpoint  {self.checkpoint_path}"
+        )
+
+
+def train(spec: TrainSpec) -> TrainResult:
+    """Plan, check, train on the connected Ray cluster, and write the final artifact.
+
+    Inside `ray job submit` this joins the job's cluster; elsewhere connect first
+    (`mlplatform.cluster.connect`) or a local single-node Ray starts.
+
+    Raises:
+        SpecError, PlanError, PreflightError: bad input, before any worker starts.
+        TrainingFailed: the run failed after `max_failures` restarts.
+    """
+    import ray
+
+    clock = _Phases(spec.name)
+    the_plan = plan(spec)
+    if not ray.is_initialized():
+        ray.init()
+    preflight(spec)
+    clock.done("plan and preflight")
+
+    fs, root = storage_filesystem(spec.storage_path)
+    if "://" in spec.storage_path:
+        data_root = os.path.join(tempfile.gettempdir(), "mlplatform", "datasets")
+    else:
+        data_root = os.path.join(root, "datasets")
+    paths = _data.resolve_paths(spec, data_root)
+    fingerprint = _data.fingerprint(paths)
+    datasets = _data.load_datasets(spec, paths)
+    clock.done("data")
+    result = _fit(spec, the_plan, datasets)
+    clock.done("training")
+
+    metrics = dict(result.metrics or {})
+    if result.checkpoint is None:
+        raise TrainingFailed(f"{spec.name}: the run ended without a checkpoint; see the job logs.")
+    with result.checkpoint.as_directory() as ckpt_dir:
+        weights = Path(ckpt_dir) / WEIGHTS
+        if not weights.is_file():
+            raise TrainingFailed(
+                f"{spec.name}: the last checkpoint ({result.checkpoint.path}) has no {WEIGHTS}; the run stopped "
+                "before its final step. Submit the same spec again to resume."
+            )
+        artifact_dir = _write_artifact(spec, the_plan, paths, fingerprint, datasets, str(weights), metrics, root)
+    final = _artifact.read_metadata(artifact_dir)["metrics"]
+    clock.done("artifact")
+    return TrainResult(
+        name=spec.name,
+        artifact_dir=artifact_dir,
+        metrics=final,
+        checkpoint_path=result.checkpoint.path,
+        steps=int(metrics.get("step", 0)),
+        zero_stage=the_plan.zero_stage,
+        precision=the_plan.precision.value,
+    )
+
+
+def _fit(spec: TrainSpec, the_plan: Plan, datasets):
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    storage = spec.storage_path if "://" in spec.storage_path else str(Path(spec.storage_path).expanduser().absolute())
+    run_dir = storage_filesystem(spec.storage_path)[1].rstrip("/") + "/" + spec.name
+    fault = os.environ.get(FAULT_ENV)
+    loop_config = {
+        "spec": spec.model_dump(mode="json"),
+        "deepspeed": the_plan.deepspeed_config(),
+        "precision": the_plan.precision.value,
+        # Rank 0 appends "step pid unix_time" per optimizer step: an audit of what each attempt ran.
+        "step_log": None if "://" in spec.storage_path else f"{run_dir}/steps.log",
+        "run_dir": None if "://" in spec.storage_path else run_dir,
+        "fault": fault,
+    }
+    selector = spec.placement.selector()
+    resources = dict(spec.resources_per_worker)
+    if spec.use_gpu:
+        resources.setdefault("GPU", 1.0)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        torch_config=TorchConfig(backend="nccl" if spec.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=spec.num_workers,
+            use_gpu=spec.use_gpu,
+            resources_per_worker=resources,
+            label_selector=selector or None,
+        ),
+        run_config=RunConfig(
+            name=spec.name,
+            storage_path=storage,
+            checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoint.keep_last),
+            failure_config=FailureConfig(max_failures=spec.max_failures),
+        ),
+        datasets=datasets,
+        dataset_config=_data.data_config(),
+    )
+    from ray.train import TrainingFailedError
+
+    try:
+        return trainer.fit()
+    except TrainingFailedError as e:
+        raise TrainingFailed(
+            f"{spec.name}: training failed after {spec.max_failures} restarts ({e}). Checkpoints so far are under "
+            f"{run_dir}; fix the cause and submit the same spec to resume, or raise `max_failures`."
+        ) from None
+
+
+def _write_artifact(spec, the_plan, paths, fingerprint, datasets, weights, train_metrics, root) -> str:
+    import numpy as np
+
+    model_kwargs = dict(spec.model.kwargs)
+    if spec.model.ref == "builtin:gpt":
+        model_kwargs.setdefault("seq_len", spec.dataset.seq_len)
+    xs, ys = [], []
+    for batch in datasets["validation"].iter_batches(batch_size=None, batch_format="numpy"):
+        xs.append(batch["x"])
+        ys.append(batch["y"])
+    x_val, y_val = np.concatenate(xs), np.concatenate(ys)
+
+    sample = _data.reference_sample(spec, paths)
+    if spec.task == Task.CAUSAL_LM:
+        signature = {"names": ["input_ids"], "dtypes": ["int64"], "shapes": [[-1, spec.dataset.seq_len]]}
+        output = {"names": ["logits"], "dtypes": ["float32"], "shapes": [[-1, spec.dataset.seq_len, -1]]}
+    else:
+        columns = sample.schema.names
+        signature = {"names": ["input"], "dtypes": ["float32"], "shapes": [[-1, len(columns)]], "feature_columns": columns}
+        output = {"names": ["output"], "dtypes": ["float32"], "shapes": [[-1, -1]]}
+
+    metadata: dict[str, Any] = {
+        "model_ref": spec.model.ref,
+        "model_kwargs": model_kwargs,
+        "task": spec.task.value,
+        "spec": spec.model_dump(mode="json"),
+        "dataset_fingerprint": fingerprint,
+        "dataset": {"train": paths.train, "validation": paths.validation},
+        "input_signature": signature,
+        "output_signature": output,
+        "training": {
+            "zero_stage": the_plan.zero_stage,
+            "precision": the_plan.precision.value,
+            "num_workers": spec.num_workers,
+            "steps": train_metrics.get("step"),
+            "num_params": the_plan.num_params,
+        },
+        "ray_job_id": os.environ.get("RAY_JOB_SUBMISSION_ID") or _ray_job_id(),
+    }
+    target = f"{root.rstrip('/')}/{spec.name}/artifact" if "://" not in spec.storage_path else None
+    local = target or tempfile.mkdtemp(prefix="mlplatform-artifact-")
+    # The metrics recorded are those of the consolidated fp32 weights on the held-out data:
+    # what load_model() on the artifact reproduces.
+    model = _artifact.build_with_weights(spec.model.ref, model_kwargs, weights)
+    final = _artifact.evaluate(model, x_val, y_val, spec.task.value)
+    kept = {k: v for k, v in train_metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    final.update({f"train_{k}": v for k, v in kept.items()})
+    _artifact.write_artifact(local, weights, {**metadata, "metrics": final}, sample)
+    if target is None:
+        import pyarrow.fs as pafs
+
+        fs, inner = storage_filesystem(spec.storage_path)
+        dest = f"{inner.rstrip('/')}/{spec.name}/artifact"
+        fs.create_dir(dest, recursive=True)
+        pafs.copy_files(local, dest, destination_filesystem=fs)
+        return f"{spec.storage_path.rstrip('/')}/{spec.name}/artifact"
+    return local
+
+
+class _Phases:
+    """Prints how long each phase of a run took (job logs)."""
+
+    def __init__(self, name: str):
+        import time
+
+        self.name, self.time, self.last = name, time.perf_counter, time.perf_counter()
+
+    def done(self, phase: str) -> None:
+        now = self.time()
+        print(f"[mlplatform.train] {self.name}: {phase} took {now - self.last:.1f} s", flush=True)
+        self.last = now
+
+
+def _ray_job_id() -> str | None:
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_job_id()
+    except Exception:  # noqa: BLE001 - metadata only; never fail a finished run over it
+        return None
+
+
+__all__ = ["PreflightError", "TrainResult", "train"]

@@ -1,0 +1,100 @@
+"""`serve deploy` of a serve_apps-style YAML (the real Ray CLI, in a subprocess) and what it serves."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+import yaml
+
+from conftest import REPO, free_port
+from serve_models import digits_data, register_digits
+
+pytestmark = pytest.mark.timeout(600)
+
+
+def _serve_cli(args: list[str], cluster) -> subprocess.CompletedProcess:
+    env = {**os.environ, **cluster.env(), "RAY_DASHBOARD_ADDRESS": cluster.dashboard_url}
+    serve = Path(sys.executable).with_name("serve")
+    return subprocess.run([str(serve), *args], env=env, capture_output=True, text=True, timeout=120)
+
+
+def _wait_for(app: str, want: set[str], timeout: float = 120) -> str:
+    from ray import serve
+
+    deadline, status = time.time() + timeout, None
+    while time.time() < deadline:
+        apps = serve.status().applications
+        if app in apps:
+            status = apps[app]
+            if str(status.status.value) in want:
+                return str(status.status.value) + ": " + status.message
+        time.sleep(1)
+    raise AssertionError(f"{app} never reached {want}: {status}")
+
+
+@pytest.fixture(scope="module")
+def deployed(three_region_cluster, tmp_path_factory):
+    import ray
+    from ray import serve
+
+    from mlplatform.cluster import connect
+
+    work = tmp_path_factory.mktemp("serve-deploy")
+    register_digits(work / "registry", work / "artifacts")
+    # The shipped config with this test's registry, key directory and a free port.
+    config = yaml.safe_load((REPO / "serve_apps/digits-cpu.yaml").read_text())
+    port = free_port()
+    config["http_options"]["port"] = port
+    args = config["applications"][0]["args"]
+    args.update(registry_root=str(work / "registry"), auth={"keys_dir": str(work / "keys")})
+    args["primary"]["autoscaling"] = {"preset": "latency", "max_replicas": 1}
+    path = work / "digits-cpu.yaml"
+    path.write_text(yaml.safe_dump(config))
+    connect(three_region_cluster.name)
+    serve.shutdown()
+    try:
+        result = _serve_cli(["deploy", str(path)], three_region_cluster)
+        assert result.returncode == 0, result.stderr[-2000:]
+        _wait_for("digits-cpu", {"RUNNING"})
+        yield f"http://127.0.0.1:{port}", work, config
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def test_serve_deploy_serves_the_shipped_config_with_keys(deployed):
+    from mlplatform.serve import check_config, create_key
+
+    base, work, config = deployed
+    check_config(work / "digits-cpu.yaml")  # the edited copy still validates as a serve_apps file
+    x, _ = digits_data()
+    body = {"inputs": x[:2].tolist()}
+    assert requests.post(base + "/v1/predict", json=body, timeout=30).status_code == 401
+    key = create_key("digits-cpu", keys_dir=work / "keys").key
+    r = requests.post(base + "/v1/predict", json=body, headers={"Authorization": f"Bearer {key}"}, timeout=30)
+    assert r.status_code == 200, r.text
+    assert r.headers["X-Served-By"] == "primary/onnx_int8" and len(r.json()["outputs"]) == 2
+
+
+def test_serve_deploy_with_bad_args_fails_with_the_spec_error(deployed, three_region_cluster):
+    base, work, config = deployed
+    bad = yaml.safe_load(yaml.safe_dump(config))
+    app = bad["applications"][0]
+    app["name"] = app["args"]["name"] = "digits-bad"
+    app["route_prefix"] = "/bad"
+    app["args"]["primary"]["batching"]["max_batch_size"] = 0
+    app["args"]["primary"]["colour"] = "blue"
+    bad["applications"].insert(0, config["applications"][0])  # a config file replaces every app
+    path = work / "bad.yaml"
+    path.write_text(yaml.safe_dump(bad))
+    assert _serve_cli(["deploy", str(path)], three_region_cluster).returncode == 0
+    message = _wait_for("digits-bad", {"DEPLOY_FAILED"})
+    assert "primary.batching.max_batch_size" in message and "primary.colour" in message, message
+    # The healthy application next to it keeps serving.
+    assert requests.get(base + "/healthz", timeout=10).status_code == 200

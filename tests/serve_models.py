@@ -1,0 +1,114 @@
+"""A small registered digits classifier in the export's format, for the serving tests and benchmarks.
+
+Built directly (a torch MLP trained for about a second, written as ONNX with onnx.helper,
+INT8 by ONNX Runtime's dynamic quantization) so the serving tests depend on neither the
+training nor the export package: only on the files a registered exported version holds.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+FEATURES = 64
+CLASSES = 10
+
+
+def digits_data() -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    return (d.data / 16.0).astype(np.float32), d.target.astype(np.int64)
+
+
+def train_mlp(hidden: int = 32, epochs: int = 8, seed: int = 0) -> dict[str, np.ndarray]:
+    """Weights of 64 → hidden → 10 (ReLU) trained on sklearn digits."""
+    import torch
+
+    x, y = digits_data()
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(FEATURES, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, CLASSES))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    for _ in range(epochs):
+        for i in range(0, len(xt), 128):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(xt[i : i + 128]), yt[i : i + 128]).backward()
+            opt.step()
+    w = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+    return {"w1": w["0.weight"], "b1": w["0.bias"], "w2": w["2.weight"], "b2": w["2.bias"]}
+
+
+def onnx_mlp(weights: dict[str, np.ndarray], path: Path) -> Path:
+    """The MLP as an ONNX graph: input [batch, 64] float32 → output [batch, 10]."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    inits = [numpy_helper.from_array(weights[k].astype(np.float32), k) for k in ("w1", "b1", "w2", "b2")]
+    nodes = [
+        helper.make_node("Gemm", ["input", "w1", "b1"], ["h"], transB=1),
+        helper.make_node("Relu", ["h"], ["hr"]),
+        helper.make_node("Gemm", ["hr", "w2", "b2"], ["output"], transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes, "digits_mlp",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", FEATURES])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", CLASSES])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+def artifact(target: Path, seed: int = 0, scale: float = 1.0, int8_deployable: bool = True) -> Path:
+    """An exported-version directory: model.onnx, model.int8.onnx, metadata.json,
+    reference_sample.parquet, export_report.json. `scale` multiplies the last layer (a
+    different but valid model for canary tests)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    target = Path(target)
+    target.mkdir(parents=True, exist_ok=True)
+    w = train_mlp(seed=seed)
+    w["w2"], w["b2"] = w["w2"] * scale, w["b2"] * scale
+    onnx_mlp(w, target / "model.onnx")
+    quantize_dynamic(str(target / "model.onnx"), str(target / "model.int8.onnx"), weight_type=QuantType.QInt8)
+    x, _ = digits_data()
+    cols = [f"pixel_{i}" for i in range(FEATURES)]
+    pq.write_table(pa.table({c: x[:256, i] for i, c in enumerate(cols)}), target / "reference_sample.parquet")
+    signature = {"names": ["input"], "dtypes": ["float32"], "shapes": [[-1, FEATURES]], "feature_columns": cols}
+    (target / "metadata.json").write_text(json.dumps({
+        "model_ref": "test:digits_mlp", "task": "classification", "spec": {}, "metrics": {},
+        "input_signature": signature,
+        "output_signature": {"names": ["output"], "dtypes": ["float32"], "shapes": [[-1, CLASSES]]},
+    }))
+    variants = [
+        {"variant": "onnx_fp32", "file": "model.onnx", "deployable": True, "checks": []},
+        {"variant": "onnx_int8", "file": "model.int8.onnx", "deployable": int8_deployable, "checks": []},
+    ]
+    (target / "export_report.json").write_text(json.dumps({"format": 1, "variants": variants}))
+    return target
+
+
+def register_digits(root: Path, work: Path, name: str = "digits", **kwargs):
+    """Register one such version under `root` and point `production` at it; returns the Version."""
+    from mlplatform import registry
+
+    path = artifact(Path(work) / f"{name}-{len(list(Path(work).glob('*')))}", **kwargs)
+    version = registry.register(path, name, root=str(root))
+    registry.set_alias(name, "production", version.version, root=str(root))
+    return version
+
+
+def run_onnx(path: Path, x: np.ndarray) -> np.ndarray:
+    """The model's outputs run locally, for comparing with the served ones."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {"input": x.astype(np.float32)})[0]
