@@ -1,6 +1,6 @@
 """Clusters: local multi-node clusters, connecting with token auth, and the node inventory."""
 
-from mlplatform.cluster.connect import cluster_env, connect
+from mlplatform.cluster.connect import authenticate, cluster_env, connect
 from mlplatform.cluster.inventory import Node, inventory
 from mlplatform.cluster.local import LocalCluster, down, find, running, up
 from mlplatform.cluster.spec import ClusterSpec, Market, NodeGroup
@@ -11,6 +11,7 @@ __all__ = [
     "Market",
     "Node",
     "NodeGroup",
+    "authenticate",
     "cluster_env",
     "connect",
     "down",

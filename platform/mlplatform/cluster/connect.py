@@ -14,6 +14,14 @@ def cluster_env(name: str | None = None) -> dict[str, str]:
     return local.find(name).env()
 
 
+def authenticate(name: str | None = None) -> local.LocalCluster:
+    """Point this process's Ray clients (job and Serve SDKs, `ray.init`) at local cluster `name`, token included."""
+    cluster = local.find(name)
+    os.environ.update(cluster.env())
+    _reload_ray_auth_settings()
+    return cluster
+
+
 def connect(name: str | None = None, **ray_init_kwargs: Any) -> Any:
     """`ray.init()` against a cluster, token authentication included.
 
@@ -32,11 +40,9 @@ def connect(name: str | None = None, **ray_init_kwargs: Any) -> Any:
         address = os.environ["RAY_ADDRESS"]
         if "RAY_AUTH_MODE" not in os.environ and _token_available():
             os.environ["RAY_AUTH_MODE"] = "token"
+        _reload_ray_auth_settings()
     else:
-        cluster = local.find(name)
-        os.environ.update(cluster.env())
-        address = cluster.gcs_address
-    _reload_ray_auth_settings()
+        address = authenticate(name).gcs_address
     ray_init_kwargs.setdefault("logging_level", "WARNING")
     return ray.init(address=address, **ray_init_kwargs)
 

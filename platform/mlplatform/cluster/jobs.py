@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 
-from mlplatform.cluster import local
-from mlplatform.cluster.connect import _reload_ray_auth_settings
+from mlplatform.cluster.connect import authenticate
 from mlplatform.errors import ClusterError
 
 
@@ -35,10 +33,7 @@ def submit_job(
     """
     from ray.job_submission import JobStatus, JobSubmissionClient
 
-    cluster = local.find(name)
-    os.environ.update(cluster.env())
-    _reload_ray_auth_settings()
-    client = JobSubmissionClient(cluster.dashboard_url)
+    client = JobSubmissionClient(authenticate(name).dashboard_url)
     start = time.monotonic()
     job_id = client.submit_job(entrypoint=entrypoint, runtime_env={"working_dir": working_dir})
     terminal = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}

@@ -63,8 +63,6 @@ def delete(app: str, *, cluster: str | None = None) -> None:
 def _dashboard(cluster: str | None) -> str:
     if os.environ.get("RAY_DASHBOARD_ADDRESS") and cluster is None:
         return os.environ["RAY_DASHBOARD_ADDRESS"]
-    from mlplatform.cluster import cluster_env
+    from mlplatform.cluster.connect import authenticate
 
-    env = cluster_env(cluster)
-    os.environ.update({k: v for k, v in env.items() if k.startswith("RAY_AUTH")})
-    return env["RAY_API_SERVER_ADDRESS"]
+    return authenticate(cluster).dashboard_url

@@ -1,0 +1,52 @@
+"""The issues' "done when", through `ray job submit`: train digits, register, export + gate INT8."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+pytestmark = pytest.mark.timeout(900)
+
+
+def submit(cluster, *args):
+    ray_cli = os.path.join(os.path.dirname(sys.executable), "ray")
+    result = subprocess.run(
+        [ray_cli, "job", "submit", "--working-dir", ".", "--", "python", *args],
+        cwd=REPO, env={**os.environ, **cluster.env()}, capture_output=True, text=True, timeout=800,
+    )
+    assert result.returncode == 0 and "succeeded" in result.stdout, (result.stdout + result.stderr)[-4000:]
+    return result.stdout
+
+
+def test_train_register_export_through_job_submit(three_region_cluster, tmp_path):
+    from mlplatform import registry
+    from mlplatform.export import ExportReport
+    from mlplatform.train import load_model, read_metadata
+
+    out = submit(three_region_cluster, "jobs/train.py", "--config", "jobs/configs/digits.yaml")
+    artifact = next(line.split()[-1] for line in out.splitlines() if line.strip().startswith("artifact "))
+    metadata = read_metadata(artifact)
+    assert metadata["metrics"]["val_accuracy"] >= 0.95
+    assert metadata["spec"]["zero_stage"] == 2 and metadata["spec"]["precision"] == "bf16"
+    assert load_model(artifact) is not None
+
+    root = str(tmp_path / "registry")
+    trained = registry.register(artifact, "digits", root=root)
+    out = submit(
+        three_region_cluster, "jobs/export.py", "--model", trained.ref, "--quantize", "int8",
+        "--config", "jobs/configs/export-digits.yaml", "--root", root,
+    )
+    assert "onnx_int8  DEPLOYABLE" in out, out[-3000:]
+    exported = registry.resolve("digits@latest", root=root)
+    assert exported.version == trained.version + 1
+    assert exported.lineage.extra["exported_from"] == trained.ref
+    assert {"model.onnx", "model.int8.onnx", "export_report.json"} <= {f.path for f in exported.files}
+    assert registry.verify(exported.ref, root=root).ok
+    fetched = tmp_path / "fetched"
+    registry.fetch(exported.ref, fetched, root=root)
+    report = ExportReport.from_json(json.loads((fetched / "export_report.json").read_text()))
+    assert report.deployable == {"onnx_fp32": True, "onnx_int8": True}
