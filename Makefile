@@ -29,7 +29,7 @@ test: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest tests
 
 bench: $(VENV)/.installed-dev
-	$(BIN)/python tests/benchmarks/run_all.py
+	for b in tests/benchmarks/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
 
 clean:
 	rm -rf $(VENV) build *.egg-info platform/*.egg-info
