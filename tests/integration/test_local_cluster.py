@@ -148,3 +148,26 @@ def test_cli_up_and_down_lifecycle(tmp_path, three_region_cluster):
     assert "Stopped 'dev': 1 node(s)." in down.stdout
     again = subprocess.run([*cli, "down", "--name", "dev"], capture_output=True, text=True, timeout=60)
     assert again.returncode == 1 and "No local cluster named 'dev' is running" in again.stderr
+
+
+def test_down_stops_the_workers_of_a_cluster_whose_head_died():
+    import signal
+
+    spec = with_free_ports(config.validate(
+        {
+            "name": "headless",
+            "head": {"name": "head", "cpus": 1, "memory_gb": 1, "region": "r", "zone": "z"},
+            "worker_groups": [{"name": "w", "cpus": 1, "memory_gb": 1, "region": "r", "zone": "z"}],
+        },
+        cluster.ClusterSpec, "test",
+    ))
+    running = cluster.up(spec)
+    head, worker = running.nodes
+    os.killpg(head.pid, signal.SIGKILL)
+    local._wait_gone([head], 10.0)
+    with pytest.raises(ClusterNotRunning):
+        cluster.find("headless")  # no head: not running any more...
+    cluster.down("headless")  # ...but its worker node is still stopped
+    assert not worker.alive()
+    assert not any(_in_group(p, worker.pid) for p in psutil.process_iter())
+    assert not (local.home() / "clusters" / "headless" / "state.json").exists()

@@ -182,10 +182,13 @@ def up(spec: ClusterSpec, config: str = "", *, timeout_s: float = 120.0) -> Loca
 def down(name: str | None = None) -> LocalCluster:
     """Stop exactly the nodes `up` started for cluster `name` (or the only running one).
 
+    A named cluster whose head already died still has its remaining nodes stopped.
+
     Raises:
         ClusterNotRunning: no such cluster is running.
     """
-    cluster = find(name)
+    recorded = _read_state(_cluster_dir(name) / "state.json") if name else None
+    cluster = recorded or find(name)
     _stop_nodes(list(cluster.nodes))
     shutil.rmtree(cluster.temp_dir, ignore_errors=True)
     cdir = _cluster_dir(cluster.name)
