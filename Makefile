@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 DEMO_CLUSTER := cluster_configs/local/three-region.yaml
 
-.PHONY: demo test bench install clean
+.PHONY: demo test bench install clean prometheus
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,7 +25,13 @@ install: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(BIN)/python -m mlplatform.demo --cluster $(DEMO_CLUSTER)
 
-test: $(VENV)/.installed-dev
+# The observability tests scrape Ray's metrics with a real Prometheus (Debian's package);
+# they skip with a reason where it cannot be installed.
+prometheus:
+	command -v prometheus >/dev/null || (apt-get update -qq && apt-get install -y -qq prometheus) \
+		|| echo "prometheus not installed: the Prometheus tests will skip"
+
+test: $(VENV)/.installed-dev prometheus
 	$(BIN)/python -m pytest tests
 
 bench: $(VENV)/.installed-dev

@@ -96,13 +96,35 @@ def artifact(target: Path, seed: int = 0, scale: float = 1.0, int8_deployable: b
     return target
 
 
-def register_digits(root: Path, work: Path, name: str = "digits", **kwargs):
-    """Register one such version under `root` and point `production` at it; returns the Version."""
+def broken_artifact(target: Path, seed: int = 0) -> Path:
+    """Like `artifact`, but both ONNX graphs expect 65 features while the signature says 64:
+    it loads and serves, and every prediction fails in ONNX Runtime (a deliberately bad canary)."""
+    target = artifact(target, seed=seed)
+    w = train_mlp(seed=seed)
+    w["w1"] = np.concatenate([w["w1"], np.zeros((w["w1"].shape[0], 1), np.float32)], axis=1)
+    for file in ("model.onnx", "model.int8.onnx"):
+        onnx_mlp(w, target / file)
+        _widen_input(target / file, FEATURES + 1)
+    return target
+
+
+def _widen_input(path: Path, features: int) -> None:
+    import onnx
+
+    model = onnx.load(str(path))
+    model.graph.input[0].type.tensor_type.shape.dim[1].dim_value = features
+    onnx.save(model, str(path))
+
+
+def register_digits(root: Path, work: Path, name: str = "digits", *, alias: str = "production",
+                    broken: bool = False, **kwargs):
+    """Register one such version under `root` and point `alias` at it; returns the Version."""
     from mlplatform import registry
 
-    path = artifact(Path(work) / f"{name}-{len(list(Path(work).glob('*')))}", **kwargs)
+    target = Path(work) / f"{name}-{len(list(Path(work).glob('*')))}"
+    path = broken_artifact(target, **kwargs) if broken else artifact(target, **kwargs)
     version = registry.register(path, name, root=str(root))
-    registry.set_alias(name, "production", version.version, root=str(root))
+    registry.set_alias(name, alias, version.version, root=str(root))
     return version
 
 

@@ -82,11 +82,29 @@ def _build(spec: ServeSpec):
         "retry_after_s": ing.retry_after_s,
         "primary_timeout_s": spec.fallback.primary_timeout_s if spec.fallback else 0,
     }
+    gate = None
+    if spec.canary and spec.canary.gate:
+        from mlplatform.serve._canary import CanaryGate
+
+        # One replica: the verdict is taken once, from every ingress replica's outcomes.
+        gate = serve.deployment(CanaryGate).options(
+            name="canary_gate", num_replicas=1, ray_actor_options={"num_cpus": 0}, **_HEALTH,
+        ).bind({
+            "app": spec.name, "root": spec.registry_root, "gate": spec.canary.gate.model_dump(),
+            "canary_ref": refs["canary"], "canary_alias": _alias(spec.canary.model),
+            "primary_ref": version.ref, "primary_alias": _alias(spec.model),
+        })
     options = _replica_options(ing.label_selector, ing.num_cpus, 0, ing.replicas, ing.autoscaling)
     return serve.deployment(Ingress).options(
         name="ingress", max_ongoing_requests=ing.max_ongoing_requests, max_queued_requests=ing.max_queued_requests,
         backpressure_config={"status_code": 503, "retry_after_s": ing.retry_after_s}, **options, **_HEALTH,
-    ).bind(settings, bound["primary"], bound.get("fallback"), bound.get("canary"))
+    ).bind(settings, bound["primary"], bound.get("fallback"), bound.get("canary"), gate)
+
+
+def _alias(ref: str) -> str | None:
+    """The alias a reference names ('digits@canary' -> 'canary'); None for a number or 'latest'."""
+    selector = ref.split("@", 1)[1]
+    return None if selector.isdigit() or selector == "latest" else selector
 
 
 def _replica_options(selector, num_cpus, num_gpus, replicas, autoscaling) -> dict[str, Any]:

@@ -66,11 +66,17 @@ async def _await(response):
     return await response
 
 
+# Defined before the class: serve.ingress pickles the class when it is decorated, so a helper
+# defined below it would be missing in the replicas (NameError).
+def _client(request: Request) -> str:
+    return request.client.host if request.client else "anonymous"
+
+
 @serve.ingress(api)
 class Ingress:
     """One ingress replica: auth, contract, routing, metrics."""
 
-    def __init__(self, settings: dict[str, Any], primary, fallback=None, canary=None):
+    def __init__(self, settings: dict[str, Any], primary, fallback=None, canary=None, gate=None):
         self.s = settings
         self.app_name = settings["app"]
         self.contract = Contract(**settings["contract"])
@@ -79,6 +85,11 @@ class Ingress:
         self.running: dict[str, int] = {}
         self._poller: asyncio.Task | None = None
         self._in_flight = 0
+        # The canary gate may stop (0) or take over (100) the split; outcomes go to it each poll.
+        self.gate = gate
+        self.canary_percent = settings.get("canary_percent") or 0
+        self.gate_status: dict[str, Any] | None = None
+        self._outcomes: list[tuple[float, bool, float]] = []
 
     # --- open endpoints ---
 
@@ -86,7 +97,7 @@ class Ingress:
     async def healthz(self) -> dict[str, Any]:
         self._ensure_poller()
         return {"status": "ok", "app": self.app_name, "model": self.s["version"], "canary": self.s.get("canary_version"),
-                "running_replicas": self.running}
+                "canary_percent": self.canary_percent, "canary_gate": self.gate_status, "running_replicas": self.running}
 
     @api.get("/v1/contract", summary="What a prediction request must look like (no key needed).")
     async def contract_info(self) -> dict[str, Any]:
@@ -103,7 +114,7 @@ class Ingress:
         self._ensure_poller()
         start = time.perf_counter()
         self._in_flight += 1
-        version, served_by, code = self.s["version"], "none", 500
+        version, served_by, code, role = self.s["version"], "none", 500, None
         try:
             key_id = self._authenticate(request)
             self.contract.check_length(request.headers.get("content-length"))
@@ -141,7 +152,10 @@ class Ingress:
             self._in_flight -= 1
             tags = {"app": self.app_name, "version": version}
             self._metric("requests", {**tags, "code": str(code), "served_by": served_by})
-            self._metric("latency", tags, (time.perf_counter() - start) * 1000, observe=True)
+            elapsed_ms = (time.perf_counter() - start) * 1000
+            self._metric("latency", tags, elapsed_ms, observe=True)
+            if role == "canary" and self._gate_watching() and (code == 200 or code >= 500):
+                self._outcomes.append((time.time(), code < 500, elapsed_ms))
 
     # --- pieces ---
 
@@ -173,7 +187,7 @@ class Ingress:
         return b"".join(chunks)
 
     def _choose(self, caller: str) -> str:
-        percent = self.s.get("canary_percent") or 0
+        percent = self.canary_percent
         if not self.handles["canary"] or percent <= 0:
             return "primary"
         # Sticky: one caller always lands on the same side while the split is unchanged.
@@ -217,7 +231,26 @@ class Ingress:
     async def _poll(self) -> None:
         while True:
             await self._poll_once()
+            await self._report_to_gate()
             await asyncio.sleep(self.s.get("poll_interval_s", 1.0))
+
+    def _gate_watching(self) -> bool:
+        return self.gate is not None and (self.gate_status is None or self.gate_status["state"] == "watching")
+
+    async def _report_to_gate(self) -> None:
+        """Send the canary outcomes since the last report; follow the gate's verdict."""
+        if not self._gate_watching():
+            return
+        outcomes, self._outcomes = self._outcomes, []
+        try:
+            self.gate_status = await self.gate.record.remote(outcomes)
+        except Exception as e:  # a restarting gate must not stop routing
+            logger.debug("canary gate report failed: %s", e)
+            return
+        if self.gate_status["state"] == "rolled_back":
+            self.canary_percent = 0
+        elif self.gate_status["state"] == "promoted":
+            self.canary_percent = 100
 
     async def _poll_once(self) -> None:
         """Running replicas per model deployment, from the Serve controller."""
@@ -247,8 +280,3 @@ class Ingress:
                 m.inc(value, tags=tags)
         except Exception as e:  # metrics must never fail a request
             logger.debug("metric %s failed: %s", name, e)
-
-
-def _client(request: Request) -> str:
-    return request.client.host if request.client else "anonymous"
-

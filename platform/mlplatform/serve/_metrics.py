@@ -1,6 +1,8 @@
 """Serving metrics through ray.util.metrics: they reach Ray's Prometheus endpoint and dashboard.
 
 Created lazily, once per replica process (ray.util.metrics needs a connected worker).
+Ray's metrics agents export them with a `ray_` prefix: in Prometheus, query
+`ray_mlplatform_serve_requests_total` (tests/integration/test_serve_prometheus.py checks it).
 """
 
 from __future__ import annotations

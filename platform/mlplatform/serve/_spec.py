@@ -67,6 +67,9 @@ class AutoscalingSpec(Spec):
     )
     upscale_delay_s: float | None = Field(None, ge=0, description="Seconds of high load before adding replicas.")
     downscale_delay_s: float | None = Field(None, ge=0, description="Seconds of low load before removing replicas.")
+    look_back_period_s: float | None = Field(
+        None, gt=0, description="Seconds of load the autoscaler averages over (Serve's default, 30, when unset)."
+    )
 
     def resolved(self) -> dict[str, Any]:
         """The preset with this spec's overrides applied (Serve autoscaling_config keys)."""
@@ -165,12 +168,27 @@ class FallbackSpec(Spec):
     )
 
 
+class CanaryGateSpec(Spec):
+    """Watches the canary's error rate and p99 latency over a window, then rolls it back or promotes it."""
+
+    window_s: float = Field(300.0, gt=0, description="Seconds of canary traffic judged (sliding window), and the "
+                            "least time the canary runs before any verdict.")
+    min_requests: int = Field(100, ge=1, description="Fewest canary requests in the window before a verdict.")
+    max_error_rate: float = Field(0.01, ge=0, le=1, description="Largest share of 5xx answers the canary may give.")
+    max_p99_ms: float = Field(500.0, gt=0, description="Largest p99 request latency (ms) the canary may have.")
+    promote: bool = Field(True, description="Promote the canary (canary alias -> the primary's alias) when it passes; "
+                          "false: only roll back failures.")
+
+
 class CanarySpec(Spec):
     """A second version taking a share of traffic, sticky per caller key."""
 
     model: str = Field(description="Registry reference of the canary version, e.g. 'digits@canary' or 'digits@4'.")
     percent: float = Field(10.0, ge=0, le=100, description="Share of callers (by key) sent to the canary.")
     deployment: ModelDeploymentSpec = Field(default_factory=ModelDeploymentSpec, description="The canary's deployment.")
+    gate: CanaryGateSpec | None = Field(
+        None, description="Automatic rollback or promotion from the canary's live error rate and p99 latency."
+    )
 
     @field_validator("model")
     @classmethod
