@@ -134,3 +134,17 @@ def run_onnx(path: Path, x: np.ndarray) -> np.ndarray:
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return session.run(None, {"input": x.astype(np.float32)})[0]
+
+
+def serve_on_free_port(cluster) -> int:
+    """Connect this process to `cluster` and (re)start Serve with its proxy on a free loopback port."""
+    from ray import serve
+
+    from conftest import free_port
+    from mlplatform.cluster import connect
+
+    connect(cluster.name)
+    serve.shutdown()  # a Serve left by an earlier module would keep its own port
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
+    return port

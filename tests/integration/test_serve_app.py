@@ -20,8 +20,7 @@ import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import free_port
-from serve_models import digits_data, register_digits, run_onnx
+from serve_models import digits_data, register_digits, run_onnx, serve_on_free_port
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -68,17 +67,13 @@ def served(three_region_cluster, tmp_path_factory):
     import ray
     from ray import serve
 
-    from mlplatform.cluster import connect
     from mlplatform.serve import build_app, create_key
 
     work = tmp_path_factory.mktemp("serve")
     root, keys = work / "registry", work / "keys"
     version = register_digits(root, work / "artifacts")
     files = next((work / "artifacts").glob("digits-*"))
-    connect(three_region_cluster.name)
-    serve.shutdown()  # a Serve left by an earlier module would keep its own port
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
+    port = serve_on_free_port(three_region_cluster)
     try:
         serve.run(build_app(_spec("digits", root, keys)), name="digits", route_prefix="/")
         tiny = _spec("tiny", root, keys, primary={

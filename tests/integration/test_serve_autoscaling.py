@@ -13,8 +13,7 @@ import time
 import pytest
 import requests
 
-from conftest import free_port
-from serve_models import digits_data, register_digits
+from serve_models import digits_data, register_digits, serve_on_free_port
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -40,15 +39,11 @@ def test_load_adds_replicas_and_they_go_after(three_region_cluster, tmp_path):
     import ray
     from ray import serve
 
-    from mlplatform.cluster import connect
     from mlplatform.serve import build_app
 
     root = tmp_path / "registry"
     register_digits(root, tmp_path / "artifacts")
-    connect(three_region_cluster.name)
-    serve.shutdown()
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
+    port = serve_on_free_port(three_region_cluster)
     spec = {
         "name": "scaling", "model": "digits@production", "registry_root": str(root),
         "primary": {"num_cpus": 0.5, "label_selector": {"ray.io/node-group": "cpu"},

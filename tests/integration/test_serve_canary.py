@@ -16,8 +16,7 @@ import numpy as np
 import pytest
 import requests
 
-from conftest import free_port
-from serve_models import digits_data, register_digits
+from serve_models import digits_data, register_digits, serve_on_free_port
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -40,13 +39,9 @@ def serving(three_region_cluster, tmp_path_factory):
     import ray
     from ray import serve
 
-    from mlplatform.cluster import connect
 
     work = tmp_path_factory.mktemp("canary")
-    connect(three_region_cluster.name)
-    serve.shutdown()  # a Serve left by an earlier module would keep its own port
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
+    port = serve_on_free_port(three_region_cluster)
     try:
         yield f"http://127.0.0.1:{port}", work / "registry", work / "artifacts"
     finally:

@@ -19,7 +19,7 @@ import requests
 import yaml
 
 from conftest import free_port
-from serve_models import digits_data, register_digits
+from serve_models import digits_data, register_digits, serve_on_free_port
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -99,15 +99,11 @@ def test_serving_metrics_reach_prometheus(prometheus, three_region_cluster, tmp_
     import ray
     from ray import serve
 
-    from mlplatform.cluster import connect
     from mlplatform.serve import build_app, create_key
 
     root, keys = tmp_path / "registry", tmp_path / "keys"
     register_digits(root, tmp_path / "artifacts")
-    connect(three_region_cluster.name)
-    serve.shutdown()
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
+    port = serve_on_free_port(three_region_cluster)
     spec = {
         "name": "metered", "model": "digits@production", "registry_root": str(root),
         "primary": {"replicas": 1, "num_cpus": 0.5, "label_selector": {"ray.io/node-group": "cpu"},
