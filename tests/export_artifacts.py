@@ -71,7 +71,7 @@ def gpt_artifact(target: Path, kwargs: dict, steps: int = 30, seed: int = 0) -> 
     import pyarrow.parquet as pq
     import torch
 
-    from mlplatform.train import artifact, data, models
+    from mlplatform.train import data, models
 
     docs = data.corpus_documents()
     cut = int(len(docs) * 0.9)
