@@ -8,6 +8,7 @@ training nor the export package: only on the files a registered exported version
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -41,17 +42,36 @@ def train_mlp(hidden: int = 32, epochs: int = 8, seed: int = 0) -> dict[str, np.
     return {"w1": w["0.weight"], "b1": w["0.bias"], "w2": w["2.weight"], "b2": w["2.bias"]}
 
 
+def random_mlp(widths: tuple[int, ...], seed: int = 0) -> dict[str, np.ndarray]:
+    """Untrained weights of 64 → widths… → 10 (He init): for benchmarks, where only size matters."""
+    rng = np.random.default_rng(seed)
+    dims = [FEATURES, *widths, CLASSES]
+    weights = {}
+    for i, (d_in, d_out) in enumerate(zip(dims, dims[1:]), start=1):
+        weights[f"w{i}"] = (rng.standard_normal((d_out, d_in)) * np.sqrt(2.0 / d_in)).astype(np.float32)
+        weights[f"b{i}"] = np.zeros(d_out, np.float32)
+    return weights
+
+
+def layers(weights: dict[str, np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(weight [out, in], bias) per layer, in order (w1/b1, w2/b2, …)."""
+    return [(weights[f"w{i}"], weights[f"b{i}"]) for i in range(1, len(weights) // 2 + 1)]
+
+
 def onnx_mlp(weights: dict[str, np.ndarray], path: Path) -> Path:
-    """The MLP as an ONNX graph: input [batch, 64] float32 → output [batch, 10]."""
+    """The MLP (ReLU between layers) as an ONNX graph: input [batch, 64] float32 → output [batch, 10]."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    inits = [numpy_helper.from_array(weights[k].astype(np.float32), k) for k in ("w1", "b1", "w2", "b2")]
-    nodes = [
-        helper.make_node("Gemm", ["input", "w1", "b1"], ["h"], transB=1),
-        helper.make_node("Relu", ["h"], ["hr"]),
-        helper.make_node("Gemm", ["hr", "w2", "b2"], ["output"], transB=1),
-    ]
+    inits, nodes, x = [], [], "input"
+    pairs = layers(weights)
+    for i, (w, b) in enumerate(pairs, start=1):
+        inits += [numpy_helper.from_array(w.astype(np.float32), f"w{i}"), numpy_helper.from_array(b.astype(np.float32), f"b{i}")]
+        last = i == len(pairs)
+        nodes.append(helper.make_node("Gemm", [x, f"w{i}", f"b{i}"], ["output" if last else f"h{i}"], transB=1))
+        if not last:
+            nodes.append(helper.make_node("Relu", [f"h{i}"], [f"r{i}"]))
+            x = f"r{i}"
     graph = helper.make_graph(
         nodes, "digits_mlp",
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", FEATURES])],
@@ -65,18 +85,21 @@ def onnx_mlp(weights: dict[str, np.ndarray], path: Path) -> Path:
     return path
 
 
-def artifact(target: Path, seed: int = 0, scale: float = 1.0, int8_deployable: bool = True) -> Path:
+def artifact(target: Path, seed: int = 0, scale: float = 1.0, int8_deployable: bool = True,
+             weights: dict[str, np.ndarray] | None = None) -> Path:
     """An exported-version directory: model.onnx, model.int8.onnx, metadata.json,
     reference_sample.parquet, export_report.json. `scale` multiplies the last layer (a
-    different but valid model for canary tests)."""
+    different but valid model for canary tests); `weights` replaces the trained 64-32-10 MLP
+    (e.g. a wider `random_mlp` for the serving benchmark)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     target = Path(target)
     target.mkdir(parents=True, exist_ok=True)
-    w = train_mlp(seed=seed)
-    w["w2"], w["b2"] = w["w2"] * scale, w["b2"] * scale
+    w = dict(weights) if weights is not None else train_mlp(seed=seed)
+    last = len(w) // 2
+    w[f"w{last}"], w[f"b{last}"] = w[f"w{last}"] * scale, w[f"b{last}"] * scale
     onnx_mlp(w, target / "model.onnx")
     quantize_dynamic(str(target / "model.onnx"), str(target / "model.int8.onnx"), weight_type=QuantType.QInt8)
     x, _ = digits_data()
@@ -118,7 +141,8 @@ def _widen_input(path: Path, features: int) -> None:
 
 def register_digits(root: Path, work: Path, name: str = "digits", *, alias: str = "production",
                     broken: bool = False, **kwargs):
-    """Register one such version under `root` and point `alias` at it; returns the Version."""
+    """Register one such version under `root` and point `alias` at it; returns the Version.
+    kwargs go to `artifact` (or `broken_artifact`): seed, scale, int8_deployable, weights."""
     from mlplatform import registry
 
     target = Path(work) / f"{name}-{len(list(Path(work).glob('*')))}"
@@ -148,3 +172,33 @@ def serve_on_free_port(cluster) -> int:
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
     return port
+
+
+# Ray's head writes the scrape targets of every node's metrics agent here (ray_constants
+# PROMETHEUS_SERVICE_DISCOVERY_FILE, in the session dir; metrics_agent.py keeps it current).
+DISCOVERY = "prom_metrics_service_discovery.json"
+
+
+def ray_metric(cluster, name: str, timeout_s: float = 60.0, want=bool) -> list[tuple[dict[str, str], float]]:
+    """(labels, value) of every sample of `name` (as exported: `ray_` prefix) scraped from every
+    node's metrics endpoint, once `want(samples)` holds (Ray exports every few seconds)."""
+    import requests
+    from prometheus_client.parser import text_string_to_metric_families
+
+    deadline, samples = time.time() + timeout_s, []
+    while time.time() < deadline:
+        targets = [t for f in Path(cluster.temp_dir).glob(f"*/session_latest/{DISCOVERY}")
+                   for group in json.loads(f.read_text()) for t in group["targets"]]
+        samples = []
+        for target in targets:
+            port = target.rsplit(":", 1)[1]  # every node of a local cluster is this machine
+            try:
+                text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+            except requests.RequestException:
+                continue
+            samples += [(s.labels, s.value) for family in text_string_to_metric_families(text)
+                        for s in family.samples if s.name == name]
+        if samples and want(samples):
+            return samples
+        time.sleep(2)
+    raise AssertionError(f"no {name} samples satisfying the check within {timeout_s:.0f}s; last: {samples}")

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import requests
 
-from serve_models import digits_data, register_digits, serve_on_free_port
+from serve_models import digits_data, ray_metric, register_digits, serve_on_free_port
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -97,7 +97,7 @@ def test_split_is_sticky_per_caller_and_near_the_percentage(serving):
     assert registry.list_aliases("split", root=str(root)) == {"canary": 2, "production": 1}  # no gate: no moves
 
 
-def test_gate_rolls_back_a_failing_canary_and_records_why(serving):
+def test_gate_rolls_back_a_failing_canary_and_records_why(serving, three_region_cluster):
     from ray import serve
 
     from mlplatform import registry
@@ -127,6 +127,15 @@ def test_gate_rolls_back_a_failing_canary_and_records_why(serving):
     after = [_predict(url, c) for c in callers]
     assert all(r.status_code == 200 and r.headers["X-Model-Version"] == "bad@1" for r in after)
     assert requests.get(url + "/healthz", timeout=10).json()["canary_percent"] == 0
+    # The verdict is a metric too (dashboards, alerting on a rollback), with the window's figures.
+    states = ray_metric(three_region_cluster, "ray_mlplatform_serve_canary_gate_state",
+                        want=lambda ss: any(l.get("app") == "bad" and l["state"] == "rolled_back" and v == 1
+                                            for l, v in ss))
+    assert {l["state"]: v for l, v in states if l.get("app") == "bad"} == {
+        "watching": 0, "rolled_back": 1, "promoted": 0}
+    figures = ray_metric(three_region_cluster, "ray_mlplatform_serve_canary_gate_window",
+                         want=lambda ss: any(l.get("app") == "bad" for l, _ in ss))
+    assert {l["figure"]: v for l, v in figures if l.get("app") == "bad"}["error_rate"] > 0.05
 
 
 def test_gate_promotes_a_healthy_canary(serving):

@@ -8,12 +8,13 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import requests
 import yaml
 
 from conftest import REPO, free_port
-from serve_models import digits_data, register_digits
+from serve_models import digits_data, register_digits, run_onnx
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -69,6 +70,10 @@ def deployed(three_region_cluster, tmp_path_factory):
 
 
 def test_serve_deploy_serves_the_shipped_config_with_keys(deployed):
+    import ray
+    from ray import serve
+    from ray.util.state import list_actors
+
     from mlplatform.serve import check_config, create_key
 
     base, work, config = deployed
@@ -80,6 +85,14 @@ def test_serve_deploy_serves_the_shipped_config_with_keys(deployed):
     r = requests.post(base + "/v1/predict", json=body, headers={"Authorization": f"Bearer {key}"}, timeout=30)
     assert r.status_code == 200, r.text
     assert r.headers["X-Served-By"] == "primary/onnx_int8" and len(r.json()["outputs"]) == 2
+    int8 = next((work / "artifacts").glob("digits-*")) / "model.int8.onnx"
+    np.testing.assert_allclose(r.json()["outputs"], run_onnx(int8, x[:2]), rtol=1e-5, atol=1e-5)
+    # Colocated, as shipped: one deployment (the ingress, holding the model) on the cpu group.
+    assert set(serve.status().applications["digits-cpu"].deployments) == {"ingress"}
+    labels = {n["NodeID"]: n.get("Labels", {}) for n in ray.nodes()}
+    replicas = [a for a in list_actors(filters=[("state", "=", "ALIVE")], detail=True)
+                if a.class_name.startswith("ServeReplica:digits-cpu:")]
+    assert replicas and {labels[a.node_id]["ray.io/node-group"] for a in replicas} == {"cpu"}
 
 
 def test_serve_deploy_with_bad_args_fails_with_the_spec_error(deployed, three_region_cluster):

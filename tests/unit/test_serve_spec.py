@@ -41,6 +41,18 @@ def test_deployments_by_role():
     assert list(ServeSpec(**BASE, fallback={"enabled": False}).deployments()) == ["primary"]
 
 
+def test_colocate_needs_a_lone_primary_and_takes_its_settings():
+    assert ServeSpec(**BASE, ingress={"colocate": True}).ingress.colocate
+    with pytest.raises(SpecError, match="ingress.colocate needs a lone primary, but fallback and canary are set"):
+        config.validate({**BASE, "ingress": {"colocate": True}, "fallback": {},
+                         "canary": {"model": "digits@canary"}}, ServeSpec, "a")
+    # A disabled fallback is no second deployment.
+    ServeSpec(**BASE, ingress={"colocate": True}, fallback={"enabled": False})
+    with pytest.raises(SpecError, match="ingress.num_cpus is set, but with ingress.colocate the primary's settings "
+                                        "apply to the one deployment; set primary.num_cpus instead"):
+        config.validate({**BASE, "ingress": {"colocate": True, "num_cpus": 0.5}}, ServeSpec, "a")
+
+
 def test_config_file_app_name_must_match_args():
     app = {"name": "other", "import_path": "mlplatform.serve:build_app", "args": BASE}
     with pytest.raises(SpecError, match="differs from args.name"):

@@ -54,23 +54,26 @@ def _build(spec: ServeSpec):
                            dep.variant, role)
     _preflight(spec)
 
-    def model(role: str, dep: ModelDeploymentSpec):
-        cls = TorchGpuModel if dep.variant == Variant.TORCH else OnnxCpuModel
-        settings = {
+    def model_settings(role: str, dep: ModelDeploymentSpec) -> dict[str, Any]:
+        return {
             "app": spec.name, "role": role, "ref": refs[role], "root": spec.registry_root, "variant": dep.variant.value,
             "num_cpus": dep.num_cpus, "device": dep.device, "dtype": dep.dtype.value,
             "max_batch_size": dep.batching.max_batch_size, "batch_wait_timeout_s": dep.batching.batch_wait_timeout_s,
             "drift_enabled": spec.drift.enabled, "drift_window_rows": spec.drift.window_rows,
             "drift_alert_psi": spec.drift.alert_psi,
         }
+
+    def model(role: str, dep: ModelDeploymentSpec):
+        cls = TorchGpuModel if dep.variant == Variant.TORCH else OnnxCpuModel
         options = _replica_options(dep.label_selector, dep.num_cpus, dep.num_gpus, dep.replicas, dep.autoscaling)
         return serve.deployment(cls).options(
             name=role, max_ongoing_requests=dep.max_ongoing_requests, max_queued_requests=dep.max_queued_requests,
             **options, **_HEALTH,
-        ).bind(settings)
+        ).bind(model_settings(role, dep))
 
-    bound = {role: model(role, dep) for role, dep in spec.deployments().items()}
     ing = spec.ingress
+    # Colocated: the primary runs inside the ingress replicas (no model deployment, no hop).
+    bound = {} if ing.colocate else {role: model(role, dep) for role, dep in spec.deployments().items()}
     settings = {
         "app": spec.name, "version": version.ref, "canary_version": refs.get("canary"),
         "canary_percent": spec.canary.percent if spec.canary else 0,
@@ -81,6 +84,9 @@ def _build(spec: ServeSpec):
         "keys_dir": str(Path(spec.auth.keys_dir).expanduser().absolute() if spec.auth.keys_dir else default_keys_dir()),
         "retry_after_s": ing.retry_after_s,
         "primary_timeout_s": spec.fallback.primary_timeout_s if spec.fallback else 0,
+        # The fallback decision and the canary gate need fresh replica counts; otherwise they only
+        # feed the replicas gauge, and serve.status() is not free (about 5% of an ingress's CPU at 1 s).
+        "poll_interval_s": 1.0 if spec.fallback or (spec.canary and spec.canary.gate) else 5.0,
     }
     gate = None
     if spec.canary and spec.canary.gate:
@@ -94,11 +100,15 @@ def _build(spec: ServeSpec):
             "canary_ref": refs["canary"], "canary_alias": _alias(spec.canary.model),
             "primary_ref": version.ref, "primary_alias": _alias(spec.model),
         })
-    options = _replica_options(ing.label_selector, ing.num_cpus, 0, ing.replicas, ing.autoscaling)
+    host = spec.primary if ing.colocate else ing  # whose placement and limits the ingress replicas take
+    options = _replica_options(host.label_selector, host.num_cpus, getattr(host, "num_gpus", 0), host.replicas,
+                               host.autoscaling)
+    if ing.colocate:
+        settings["local_model"] = model_settings("primary", spec.primary)
     return serve.deployment(Ingress).options(
-        name="ingress", max_ongoing_requests=ing.max_ongoing_requests, max_queued_requests=ing.max_queued_requests,
+        name="ingress", max_ongoing_requests=host.max_ongoing_requests, max_queued_requests=host.max_queued_requests,
         backpressure_config={"status_code": 503, "retry_after_s": ing.retry_after_s}, **options, **_HEALTH,
-    ).bind(settings, bound["primary"], bound.get("fallback"), bound.get("canary"), gate)
+    ).bind(settings, bound.get("primary"), bound.get("fallback"), bound.get("canary"), gate)
 
 
 def _alias(ref: str) -> str | None:

@@ -98,7 +98,23 @@ class CanaryGate:
                 self.move = {"error": f"{type(e).__name__}: {e}"}
             logger.warning("%s: canary %s %s: %s", self.s["app"], self.s["canary_ref"], verdict.state, verdict.reason)
         self.verdict = verdict
+        self._export(verdict)
         return self.status()
+
+    def _export(self, verdict: Verdict) -> None:
+        """The verdict and its figures as gauges (dashboards, alerts on a rollback)."""
+        from mlplatform.serve._metrics import metrics
+
+        tags = {"app": self.s["app"], "canary": self.s["canary_ref"]}
+        try:
+            m = metrics()
+            for state in (WATCHING, ROLLED_BACK, PROMOTED):
+                m["canary_state"].set(float(state == verdict.state), tags={**tags, "state": state})
+            for figure in ("requests", "error_rate", "p99_ms"):
+                if figure in verdict.stats:
+                    m["canary_window"].set(float(verdict.stats[figure]), tags={**tags, "figure": figure})
+        except Exception as e:  # metrics must never stop the gate
+            logger.debug("canary gate metrics failed: %s", e)
 
     def status(self) -> dict[str, Any]:
         v = self.verdict

@@ -72,6 +72,12 @@ def _client(request: Request) -> str:
     return request.client.host if request.client else "anonymous"
 
 
+def _local_model(settings: dict[str, Any]):
+    from mlplatform.serve._models import OnnxCpuModel, TorchGpuModel
+
+    return (TorchGpuModel if settings["variant"] == "torch" else OnnxCpuModel)(settings)
+
+
 @serve.ingress(api)
 class Ingress:
     """One ingress replica: auth, contract, routing, metrics."""
@@ -82,6 +88,8 @@ class Ingress:
         self.contract = Contract(**settings["contract"])
         self.keys = KeyChecker(self.app_name, settings["keys_dir"]) if settings["auth"] else None
         self.handles = {"primary": primary, "fallback": fallback, "canary": canary}
+        # ingress.colocate: the primary model lives in this replica and is called in-process.
+        self.local = _local_model(settings["local_model"]) if settings.get("local_model") else None
         self.running: dict[str, int] = {}
         self._poller: asyncio.Task | None = None
         self._in_flight = 0
@@ -195,6 +203,8 @@ class Ingress:
         return "canary" if bucket < percent * 100 else "primary"
 
     async def _call(self, role: str, x) -> tuple[dict[str, Any], str, str | None]:
+        if self.local is not None:
+            return await self.local(x), f"primary/{self.s['variants']['primary']}", None
         handle = self.handles[role]
         fallback = self.handles["fallback"] if role == "primary" else None
         name = f"{role}/{self.s['variants'][role]}"
@@ -232,7 +242,12 @@ class Ingress:
         while True:
             await self._poll_once()
             await self._report_to_gate()
-            await asyncio.sleep(self.s.get("poll_interval_s", 1.0))
+            await asyncio.sleep(self.s["poll_interval_s"])
+
+    def check_health(self) -> None:
+        # A colocated GPU model's health is this replica's health (see TorchGpuModel.check_health).
+        if self.local is not None and hasattr(self.local, "check_health"):
+            self.local.check_health()
 
     def _gate_watching(self) -> bool:
         return self.gate is not None and (self.gate_status is None or self.gate_status["state"] == "watching")
@@ -257,7 +272,8 @@ class Ingress:
         try:
             status = await asyncio.to_thread(serve.status)
             deployments = status.applications[serve.get_replica_context().app_name].deployments
-            for role in (r for r, h in self.handles.items() if h is not None):
+            # Colocated: the model's replicas are this deployment's.
+            for role in [r for r, h in self.handles.items() if h is not None] or ["ingress"]:
                 states = deployments[role].replica_states if role in deployments else {}
                 n = sum(v for k, v in states.items() if str(getattr(k, "value", k)) == "RUNNING")
                 self.running[role] = n

@@ -3,6 +3,11 @@
 Created lazily, once per replica process (ray.util.metrics needs a connected worker).
 Ray's metrics agents export them with a `ray_` prefix: in Prometheus, query
 `ray_mlplatform_serve_requests_total` (tests/integration/test_serve_prometheus.py checks it).
+
+Ray 2.60 rebuilds every histogram from its bucket counts using bucket midpoints, so a
+histogram's `_count` and buckets are exact but its `_sum` is an approximation. Where the sum
+matters (rows predicted) there is an exact counter beside the histogram:
+mean batch size = rate(rows_total) / rate(batch_rows_count).
 """
 
 from __future__ import annotations
@@ -32,6 +37,10 @@ def metrics() -> dict[str, Any]:
             "mlplatform_serve_batch_rows", "Rows per model call after dynamic batching.",
             boundaries=BATCH_BOUNDARIES, tag_keys=("app", "deployment", "version"),
         ),
+        "rows": Counter(
+            "mlplatform_serve_rows_total", "Input rows run by a model deployment (exact, unlike the batch histogram's sum).",
+            tag_keys=("app", "deployment", "version"),
+        ),
         "fallback": Counter(
             "mlplatform_serve_fallback_total", "Requests served by the fallback deployment, by reason.",
             tag_keys=("app", "version", "reason"),
@@ -55,5 +64,14 @@ def metrics() -> dict[str, Any]:
         "drift_alert": Gauge(
             "mlplatform_serve_drift_alert", "1 when any feature's PSI is over the alert threshold.",
             tag_keys=("app", "version"),
+        ),
+        "canary_state": Gauge(
+            "mlplatform_serve_canary_gate_state",
+            "The canary gate's verdict: 1 on the current state's series (watching, rolled_back, promoted), 0 on the others.",
+            tag_keys=("app", "canary", "state"),
+        ),
+        "canary_window": Gauge(
+            "mlplatform_serve_canary_gate_window", "The figures the canary gate judges over its window, by figure "
+            "(requests, error_rate, p99_ms).", tag_keys=("app", "canary", "figure"),
         ),
     }

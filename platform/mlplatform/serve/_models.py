@@ -110,27 +110,33 @@ class _Model:
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005, batch_size_fn=_rows)
     async def _batched(self, xs: list[np.ndarray]) -> list[dict[str, Any]]:
         big = xs[0] if len(xs) == 1 else np.concatenate(xs)
-        # Off the event loop: requests arriving meanwhile queue up into the next batch.
-        out = await asyncio.to_thread(self._run, big)
-        self._observe(big)
+        # Off the event loop (the model and the drift bins): requests arriving meanwhile queue
+        # up into the next batch.
+        out, psi = await asyncio.to_thread(self._run_and_bin, big)
+        self._observe(big, psi)
         parts, start = [], 0
         for x in xs:
             parts.append({"outputs": out[start : start + len(x)], "batch_rows": len(big), "task": self.task})
             start += len(x)
         return parts
 
-    def _observe(self, big: np.ndarray) -> None:
+    def _run_and_bin(self, big: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        out = self._run(big)
+        if self._drift is None or big.ndim != 2 or big.shape[1] != len(self.features):
+            return out, None
+        return out, self._drift.observe(big)  # PSI per feature when a window completes, else None
+
+    def _observe(self, big: np.ndarray, psi: np.ndarray | None) -> None:
         from mlplatform.serve._metrics import metrics
 
         m = metrics()
         m["batch_rows"].observe(len(big), tags=self._tags)
-        if self._drift is not None and big.ndim == 2 and big.shape[1] == len(self.features):
-            psi = self._drift.observe(big)
-            if psi is not None:
-                tags = {"app": self.s["app"], "version": self.s["ref"]}
-                for name, value in zip(self.features, psi):
-                    m["psi"].set(float(value), tags={**tags, "feature": name})
-                m["drift_alert"].set(float((psi > self.s["drift_alert_psi"]).any()), tags=tags)
+        m["rows"].inc(len(big), tags=self._tags)
+        if psi is not None:
+            tags = {"app": self.s["app"], "version": self.s["ref"]}
+            for name, value in zip(self.features, psi):
+                m["psi"].set(float(value), tags={**tags, "feature": name})
+            m["drift_alert"].set(float((psi > self.s["drift_alert_psi"]).any()), tags=tags)
 
     def _run(self, x: np.ndarray) -> np.ndarray:
         raise NotImplementedError

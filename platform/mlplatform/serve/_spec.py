@@ -138,6 +138,18 @@ class IngressSpec(Spec):
     max_ongoing_requests: int = Field(256, ge=1, description="Requests one ingress replica handles at once.")
     max_queued_requests: int = Field(512, ge=1, description="Requests queued at the proxy before 503.")
     retry_after_s: float = Field(1.0, ge=0, description="Retry-After header (seconds) sent with every 503.")
+    colocate: bool = Field(
+        False,
+        description="Run the primary model inside the ingress replicas: one Serve hop less per request, which "
+        "is most of the platform's per-request CPU on small CPU nodes (BENCHMARKS.md). Only for a lone primary "
+        "(no fallback, no canary); the one deployment then takes the primary's placement, CPUs, replicas, "
+        "autoscaling and request limits.",
+    )
+
+
+# What a colocated ingress takes from the primary instead of its own settings.
+_PLACEMENT_FIELDS = {"label_selector", "num_cpus", "replicas", "autoscaling", "max_ongoing_requests",
+                     "max_queued_requests"}
 
 
 class LimitsSpec(Spec):
@@ -241,6 +253,20 @@ class ServeSpec(Spec):
                     f"limits.max_rows {self.limits.max_rows} exceeds {where}.batching.max_batch_size "
                     f"{dep.batching.max_batch_size}; a request must fit in one batch"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _colocate_needs_a_lone_primary(self) -> ServeSpec:
+        if not self.ingress.colocate:
+            return self
+        others = [k for k in ("fallback", "canary") if k in self.deployments()]
+        if others:
+            raise ValueError(f"ingress.colocate needs a lone primary, but {' and '.join(others)} are set; "
+                             f"remove them or set ingress.colocate: false")
+        ignored = sorted(self.ingress.model_fields_set & _PLACEMENT_FIELDS)
+        if ignored:
+            raise ValueError(f"ingress.{ignored[0]} is set, but with ingress.colocate the primary's settings apply "
+                             f"to the one deployment; set primary.{ignored[0]} instead")
         return self
 
     def deployments(self) -> dict[str, ModelDeploymentSpec]:
