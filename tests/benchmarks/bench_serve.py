@@ -1,26 +1,29 @@
-"""Serving benchmark: the platform's app (ingress → ONNX INT8 model, dynamic batching) vs bare Serve.
+"""Serving benchmark: the platform's app (ingress + ONNX INT8 model, dynamic batching) vs bare Serve.
 
-    .venv/bin/python tests/benchmarks/bench_serve.py [--models digits,wide] [--seconds 5] [--rounds 2]
+    .venv/bin/python tests/benchmarks/bench_serve.py [--models digits,wide,xl] [--seconds 5] [--rounds 2]
 
 Starts its own one-node local cluster (`mlplatform.cluster.up`, free ports), registers each
 model in a temp registry, and deploys side by side on one Serve instance, per model:
 
-  platform      build_app: FastAPI ingress (API key, request contract, routing, metrics) →
-                OnnxCpuModel INT8 with @serve.batch (max 32 rows, 5 ms wait) — the shipped settings
+  platform      build_app as serve_apps/digits-cpu.yaml ships it: FastAPI ingress (API key, request
+                contract, routing, metrics) colocated with OnnxCpuModel INT8 behind @serve.batch
+                (max 32 rows, 5 ms wait) in one replica
   platform-b1   the same app with max_batch_size 1 (batching off, everything else equal)
+  platform-split  the same app with a separate ingress deployment (ingress → model: two hops)
   bare-torch    one plain Serve deployment: request.json() → torch FP32 forward → JSON, unbatched
   bare-int8     the same plain deployment running the same INT8 ONNX file through ONNX Runtime
   noop          (once) a plain deployment that returns a constant: Serve's own HTTP cost
 
 Every model replica gets num_cpus 1 and one compute thread (torch and ONNX Runtime alike).
 Load comes from a separate client process (aiohttp, keep-alive, closed loop: `concurrency`
-requests always in flight, one row each). Rounds interleave the apps; each figure is the
-median over rounds. Figures:
+requests always in flight, one row each). One model's apps are deployed at a time (idle
+replicas are background load too); each figure is the median over rounds. Figures:
 
   1. Throughput within p99 ≤ 100 ms: concurrency swept 1…64, best req/s whose p99 fits;
      platform ÷ bare-torch (goal ≥ 4×).
   2. Ingress overhead at concurrency 1: p50 platform-b1 ÷ bare-int8 (goal ≤ 1.1×) and the
      added p50 in ms; noop p50 as Serve's own HTTP anchor (about 2 ms on a big machine).
+     Also the split app's p50, and CPU ms per request per process at concurrency 16.
   3. Batching at concurrency 16: platform ÷ platform-b1 req/s, against the model's offline
      ONNX Runtime batch-32 ÷ batch-1 rows/s speedup (goal ≥ 80% of it).
 
@@ -55,6 +58,7 @@ MODELS = {
     # name: (hidden widths, description)
     "digits": ((128, 64), "digits MLP 64-128-64-10 (17k params, the shipped model's shape)"),
     "wide": ((2048, 2048, 2048), "MLP 64-2048x3-10 (8.5M params)"),
+    "xl": ((4096, 4096, 4096, 4096), "MLP 64-4096x4-10 (50.6M params)"),
 }
 
 
@@ -378,17 +382,28 @@ def report(results: dict[str, list[dict]], offline: dict[str, float], names: lis
         return statistics.median(r[k] for r in results[m])
 
     print("\n| model | platform INT8+batching req/s (p99 ≤ 100 ms) | bare torch FP32 req/s (p99 ≤ 100 ms) "
-          "| ratio (goal ≥ 4×) | p50 bare INT8 / platform-b1 / platform, c=1 (ms) | overhead p50 ratio (goal ≤ 1.1×) "
-          "| added p50 (ms) | noop p50 (ms) | batched ÷ unbatched req/s at c=16 | offline b32 ÷ b1 | share of offline "
-          "(goal ≥ 80%) | mean batch rows at c=16 |")
+          "| ratio (goal ≥ 4×) | p50 at c=1, ms: bare INT8 / platform-b1 / platform / split | overhead p50 ratio "
+          "(goal ≤ 1.1×) | added p50 (ms) | noop p50 (ms) | batched ÷ unbatched req/s at c=16 | offline b32 ÷ b1 "
+          "| share of offline (goal ≥ 80%) | mean batch rows at c=16 |")
     print("|" + "---|" * 12)
     for m in names:
         ratio, speed = med(m, "batch_ratio"), offline[m]
         print(f"| {MODELS[m][1]} | {med(m, 'platform_rps'):.0f} | {med(m, 'torch_rps'):.0f} "
               f"| **{med(m, 'budget_ratio'):.2f}×** | {med(m, 'p50_bare'):.1f} / {med(m, 'p50_platform_b1'):.1f} / "
-              f"{med(m, 'p50_platform'):.1f} | **{med(m, 'overhead_ratio'):.2f}×** | {med(m, 'overhead_ms'):.1f} "
-              f"| {med(m, 'p50_noop'):.1f} | **{ratio:.2f}×** | {speed:.1f}× | {ratio / speed:.0%} "
-              f"| {med(m, 'batch_rows_mean'):.1f} |")
+              f"{med(m, 'p50_platform'):.1f} / {med(m, 'p50_split'):.1f} | **{med(m, 'overhead_ratio'):.2f}×** "
+              f"| {med(m, 'overhead_ms'):.1f} | {med(m, 'p50_noop'):.1f} | **{ratio:.2f}×** | {speed:.1f}× "
+              f"| {ratio / speed:.0%} | {med(m, 'batch_rows_mean'):.1f} |")
+    print("\nCPU ms per request at concurrency 16 (proxy + replicas; the client and Ray's own daemons excluded):\n")
+    print("| model | platform colocated: proxy + replica = total (req/s) | platform split: proxy + ingress + model "
+          "= total (req/s) | bare INT8: proxy + replica = total (req/s) |")
+    print("|---|---|---|---|")
+    for m in names:
+        colocated = (med(m, "cpu_proxy"), med(m, "cpu_replica"))
+        split = (med(m, "cpu_split_proxy"), med(m, "cpu_split_ingress"), med(m, "cpu_split_model"))
+        bare = (med(m, "cpu_bare_proxy"), med(m, "cpu_bare_replica"))
+        print(f"| {m} | {' + '.join(f'{v:.1f}' for v in colocated)} = {sum(colocated):.1f} ({med(m, 'batched_rps'):.0f}) "
+              f"| {' + '.join(f'{v:.1f}' for v in split)} = {sum(split):.1f} ({med(m, 'split_rps_c16'):.0f}) "
+              f"| {' + '.join(f'{v:.1f}' for v in bare)} = {sum(bare):.1f} ({med(m, 'bare_int8_rps_c16'):.0f}) |")
 
 
 if __name__ == "__main__":

@@ -46,6 +46,8 @@ def test_colocate_needs_a_lone_primary_and_takes_its_settings():
     with pytest.raises(SpecError, match="ingress.colocate needs a lone primary, but fallback and canary are set"):
         config.validate({**BASE, "ingress": {"colocate": True}, "fallback": {},
                          "canary": {"model": "digits@canary"}}, ServeSpec, "a")
+    with pytest.raises(SpecError, match="but canary is set; remove it"):
+        config.validate({**BASE, "ingress": {"colocate": True}, "canary": {"model": "digits@canary"}}, ServeSpec, "a")
     # A disabled fallback is no second deployment.
     ServeSpec(**BASE, ingress={"colocate": True}, fallback={"enabled": False})
     with pytest.raises(SpecError, match="ingress.num_cpus is set, but with ingress.colocate the primary's settings "

@@ -86,7 +86,7 @@ def _build(spec: ServeSpec):
         "primary_timeout_s": spec.fallback.primary_timeout_s if spec.fallback else 0,
         # The fallback decision and the canary gate need fresh replica counts; otherwise they only
         # feed the replicas gauge, and serve.status() is not free (about 5% of an ingress's CPU at 1 s).
-        "poll_interval_s": 1.0 if spec.fallback or (spec.canary and spec.canary.gate) else 5.0,
+        "poll_interval_s": 1.0 if "fallback" in spec.deployments() or (spec.canary and spec.canary.gate) else 5.0,
     }
     gate = None
     if spec.canary and spec.canary.gate:

@@ -80,7 +80,7 @@ def _local_model(settings: dict[str, Any]):
 
 @serve.ingress(api)
 class Ingress:
-    """One ingress replica: auth, contract, routing, metrics."""
+    """One ingress replica: auth, contract, routing, metrics (and, colocated, the primary model)."""
 
     def __init__(self, settings: dict[str, Any], primary, fallback=None, canary=None, gate=None):
         self.s = settings
