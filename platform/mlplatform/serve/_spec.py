@@ -261,8 +261,10 @@ class ServeSpec(Spec):
             return self
         others = [k for k in ("fallback", "canary") if k in self.deployments()]
         if others:
+            one = len(others) == 1
             raise ValueError(f"ingress.colocate needs a lone primary, but {' and '.join(others)} "
-                             f"{'is' if len(others) == 1 else 'are'} set; remove it or set ingress.colocate: false")
+                             f"{'is' if one else 'are'} set; remove {'it' if one else 'them'} or set "
+                             f"ingress.colocate: false")
         ignored = sorted(self.ingress.model_fields_set & _PLACEMENT_FIELDS)
         if ignored:
             raise ValueError(f"ingress.{ignored[0]} is set, but with ingress.colocate the primary's settings apply "
