@@ -99,7 +99,8 @@ async def _load(url: str, key: str, rows: list[list[float]], concurrency: int, s
     return {
         "requests": len(latencies), "throughput": len(latencies) / seconds, "codes": codes,
         "p50_ms": q[49], "p99_ms": q[98], "max_ms": max(latencies, default=0.0),
-        "over_budget": sum(t > P99_BUDGET_MS for t in latencies), "batch_rows_mean": statistics.fmean(batch_rows) if batch_rows else 1.0,
+        "over_budget": sum(t > P99_BUDGET_MS for t in latencies),
+        "batch_rows_mean": statistics.fmean(batch_rows) if batch_rows else 1.0,
     }
 
 
