@@ -20,7 +20,7 @@ import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from serve_models import digits_data, register_digits, run_onnx, serve_on_free_port
+from serve_models import digits_data, ray_metric, register_digits, run_onnx, serve_on_free_port
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -196,6 +196,24 @@ def test_bad_input_never_reaches_or_hurts_the_replica(served):
                       headers={"Authorization": f"Bearer {served.key}"}, timeout=30)
     assert r.status_code == 413
     assert {a["actor_id"] for a in _replicas("digits", "primary")} == before
+    assert served.post("/v1/predict", {"inputs": [[0.0] * 64]}).status_code == 200
+
+
+def test_a_client_gone_mid_body_is_499_not_a_server_error(served, three_region_cluster):
+    import socket
+    from urllib.parse import urlparse
+
+    before = {a["actor_id"] for a in _replicas("digits", "ingress")}
+    url = urlparse(served.base)
+    with socket.create_connection((url.hostname, url.port), timeout=10) as s:
+        s.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Authorization: Bearer " + served.key.encode() + b"\r\nContent-Length: 1000\r\n\r\n"
+                  b'{"inputs": [[0.0,')
+        time.sleep(1)  # the ingress is now waiting for the rest of the body
+    # Counted as 499 (client closed request), not as a 500 that would count against the model.
+    ray_metric(three_region_cluster, "ray_mlplatform_serve_requests_total",
+               want=lambda ss: any(l.get("app") == "digits" and l["code"] == "499" for l, _ in ss))
+    assert {a["actor_id"] for a in _replicas("digits", "ingress")} == before
     assert served.post("/v1/predict", {"inputs": [[0.0] * 64]}).status_code == 200
 
 

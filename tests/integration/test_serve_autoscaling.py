@@ -1,5 +1,7 @@
 """Serve autoscaling of a model deployment on the live cluster: sustained concurrent load adds
 replicas (up to max_replicas); when the load stops they are removed again (down to min_replicas).
+Both shapes: a separate model deployment (`primary`), and the model colocated in the ingress
+(`ingress`, as serve_apps/digits-cpu.yaml ships), which scales by the primary's settings.
 
 Short delays and look-back, a target of one ongoing request per replica and a batch wait of
 50 ms (each request stays ongoing at least that long) make eight closed-loop callers enough.
@@ -25,17 +27,18 @@ def _running(app: str, deployment: str) -> int:
     return sum(n for state, n in states.items() if str(getattr(state, "value", state)) == "RUNNING")
 
 
-def _wait(app: str, want, timeout: float) -> list[int]:
+def _wait(app: str, deployment: str, want, timeout: float) -> list[int]:
     seen, deadline = [], time.time() + timeout
     while time.time() < deadline:
-        seen.append(_running(app, "primary"))
+        seen.append(_running(app, deployment))
         if want(seen[-1]):
             return seen
         time.sleep(1)
     raise AssertionError(f"replica count never satisfied the condition; seen {seen}")
 
 
-def test_load_adds_replicas_and_they_go_after(three_region_cluster, tmp_path):
+@pytest.mark.parametrize("colocate", [False, True], ids=["split", "colocated"])
+def test_load_adds_replicas_and_they_go_after(three_region_cluster, tmp_path, colocate):
     import ray
     from ray import serve
 
@@ -51,9 +54,11 @@ def test_load_adds_replicas_and_they_go_after(three_region_cluster, tmp_path):
                     "autoscaling": {"preset": "latency", "min_replicas": 1, "initial_replicas": 1, "max_replicas": 3,
                                     "target_ongoing_requests": 1, "upscale_delay_s": 1, "downscale_delay_s": 3,
                                     "look_back_period_s": 2}},
-        "ingress": {"replicas": 1, "num_cpus": 0.1}, "auth": {"enabled": False}, "drift": {"enabled": False},
+        "ingress": {"colocate": True} if colocate else {"replicas": 1, "num_cpus": 0.1},
+        "auth": {"enabled": False}, "drift": {"enabled": False},
         "limits": {"max_rows": 4},
     }
+    deployment = "ingress" if colocate else "primary"
     x, _ = digits_data()
     stop, codes = threading.Event(), []
 
@@ -64,18 +69,18 @@ def test_load_adds_replicas_and_they_go_after(three_region_cluster, tmp_path):
 
     try:
         serve.run(build_app(spec), name="scaling", route_prefix="/")
-        assert _running("scaling", "primary") == 1
+        assert _running("scaling", deployment) == 1
         threads = [threading.Thread(target=caller, args=(i,), daemon=True) for i in range(8)]
         for t in threads:
             t.start()
         try:
-            up = _wait("scaling", lambda n: n >= 2, timeout=45)
+            up = _wait("scaling", deployment, lambda n: n >= 2, timeout=45)
         finally:
             stop.set()
             for t in threads:
                 t.join()
         assert len(codes) > 50 and set(codes) == {200}, {c: codes.count(c) for c in set(codes)}
-        down = _wait("scaling", lambda n: n == 1, timeout=45)
+        down = _wait("scaling", deployment, lambda n: n == 1, timeout=45)
         print(f"replicas under load: {up}; after: {down}")
     finally:
         serve.shutdown()

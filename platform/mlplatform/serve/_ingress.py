@@ -62,6 +62,10 @@ class _NoReplica(Exception):
     pass
 
 
+class _ClientGone(Exception):
+    """The request body could not be read: the client, or the proxy holding its connection, went away."""
+
+
 async def _await(response):
     return await response
 
@@ -152,6 +156,10 @@ class Ingress:
                        else f"No healthy model replica ({e}); retry after {retry:g} s.")
             return JSONResponse({"error": {"code": what, "message": message, "field": ""}}, status_code=503,
                                 headers={"Retry-After": str(max(1, round(retry)))})
+        except _ClientGone as e:  # nobody is left to answer; not a server error (nginx's 499)
+            code = 499
+            logger.info("client went away while sending the request body (%s)", e)
+            return JSONResponse({"error": {"code": "client_closed", "message": str(e), "field": ""}}, status_code=499)
         except Exception as e:  # a model failure on valid input: a real server error, reported plainly
             logger.exception("prediction failed")
             return JSONResponse({"error": {"code": "model_error", "message": f"{type(e).__name__}", "field": ""}},
@@ -187,12 +195,18 @@ class Ingress:
     async def _body(self, request: Request) -> bytes:
         # Stream with a running total: a body without Content-Length cannot exceed the limit either.
         chunks, total = [], 0
-        async for chunk in request.stream():
+        stream = request.stream()
+        while True:
+            try:
+                chunk = await anext(stream)
+            except StopAsyncIteration:
+                return b"".join(chunks)
+            except Exception as e:  # ClientDisconnect, or the proxy actor died (Serve shutting down)
+                raise _ClientGone(type(e).__name__) from None
             total += len(chunk)
             if total > self.contract.max_payload_bytes:
                 raise self.contract._too_big(total)
             chunks.append(chunk)
-        return b"".join(chunks)
 
     def _choose(self, caller: str) -> str:
         percent = self.canary_percent
