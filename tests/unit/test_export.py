@@ -184,7 +184,13 @@ def test_unreadable_holdout_path_names_the_field(digits_registry, exported, tmp_
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")
-def test_read_only_registry_is_refused_and_nothing_is_written(digits_registry, exported, tmp_path):
+def test_read_only_registry_is_refused_first_and_nothing_is_written(digits_registry, exported, tmp_path, monkeypatch):
+    from mlplatform.export import _pipeline
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the export ran before the registry was found unwritable")
+
+    monkeypatch.setattr(_pipeline, "export_artifact", no_work)
     root = tmp_path / "ro"
     shutil.copytree(digits_registry, root)
     for d in [root, *root.rglob("*")]:

@@ -23,6 +23,7 @@ from mlplatform.errors import (
     VersionNotFound,
 )
 from mlplatform.registry import (
+    check_writable,
     diff,
     fetch,
     generate_key,
@@ -113,6 +114,11 @@ def test_unwritable_root_is_refused_before_anything_is_written(tmp_path):
     with pytest.raises(RegistryNotWritable, match=r"not-a-dir/registry \(`root`\) is not writable.*Nothing was written"):
         register(artifact, "m", root=blocker / "registry")
     assert blocker.read_text() == "" and sorted(p.name for p in tmp_path.iterdir()) == ["a", "not-a-dir"]
+    # The same check on its own, for callers that work for minutes before registering (export).
+    with pytest.raises(RegistryNotWritable, match=r"not-a-dir/registry \(`root`\) is not writable"):
+        check_writable(blocker / "registry")
+    check_writable(tmp_path / "fresh")  # creatable: fine, and nothing but the root is left behind
+    assert list((tmp_path / "fresh").iterdir()) == []
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")

@@ -73,6 +73,7 @@ def export_model(
 
     spec = spec or ExportSpec()
     parent = registry.resolve(ref, root=root)
+    registry.check_writable(root)  # before the export work, not after it
     work = Path(tempfile.mkdtemp(prefix="mlplatform-export-"))
     try:
         src = work / "source"

@@ -29,7 +29,7 @@ from mlplatform.registry._records import (
     Version,
     VersionDiff,
 )
-from mlplatform.registry._register import register
+from mlplatform.registry._register import check_writable, register
 
 __all__ = [
     "AliasMove",
@@ -42,6 +42,7 @@ __all__ = [
     "Version",
     "VersionDiff",
     "alias_history",
+    "check_writable",
     "diff",
     "fetch",
     "generate_key",

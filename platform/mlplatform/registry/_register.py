@@ -26,6 +26,14 @@ from mlplatform.registry._records import Encryption, FileEntry, Version, manifes
 from mlplatform.registry._store import Store, staging_token
 
 
+def check_writable(root: str | os.PathLike[str] | None = None) -> None:
+    """Raise RegistryNotWritable now unless a version could be registered under `root`.
+
+    For callers that do minutes of work before registering (export), so they fail first.
+    """
+    Store(root).ensure_writable()
+
+
 def register(
     artifact_dir: str | os.PathLike[str],
     name: str,
