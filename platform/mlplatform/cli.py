@@ -32,6 +32,7 @@ _REF = arg("ref", help="name, name@VERSION or name@ALIAS.")
 _REASON = arg("--reason", default=None, help="Why: recorded in the alias history.")
 _TRAIN_CONFIG = arg("--config", required=True, metavar="PATH", help="TrainSpec YAML, e.g. jobs/configs/digits.yaml.")
 _SERVE_FILE = arg("path", metavar="PATH", help="Serve config YAML, e.g. serve_apps/digits-cpu.yaml.")
+_APP = arg("app", help="Serve application name.")
 _KEYS_DIR = arg("--keys-dir", default=None, help="Key store directory (default $MLPLATFORM_HOME/serve/keys).")
 _CONFIG = arg("--config", required=True, metavar="PATH", help="Cluster spec YAML, e.g. cluster_configs/local/dev.yaml.")
 
@@ -371,15 +372,15 @@ COMMANDS: dict[tuple[str, ...], Command] = {
     ("serve", "check"): Command(_serve_check, "Validate a Serve config file's application args.", (_SERVE_FILE,)),
     ("serve", "deploy"): Command(_serve_deploy, "Deploy a Serve config file (what `serve deploy` does, with auth).", (_SERVE_FILE, _NAME)),
     ("serve", "status"): Command(_serve_status, "Applications, deployments and replicas with their states.", (_NAME,)),
-    ("serve", "delete"): Command(_serve_delete, "Delete one Serve application.", (arg("app", help="Application name."), _NAME)),
+    ("serve", "delete"): Command(_serve_delete, "Delete one Serve application.", (_APP, _NAME)),
     ("serve", "keys", "create"): Command(
         _serve_key_create, "Create an API key for an application; the key is printed once.",
-        (arg("app", help="Application name."), arg("--label", default="", help="What the key is for."), _KEYS_DIR),
+        (_APP, arg("--label", default="", help="What the key is for."), _KEYS_DIR),
     ),
-    ("serve", "keys", "list"): Command(_serve_key_list, "An application's keys (ids and labels, never secrets).", (arg("app", help="Application name."), _KEYS_DIR)),
+    ("serve", "keys", "list"): Command(_serve_key_list, "An application's keys (ids and labels, never secrets).", (_APP, _KEYS_DIR)),
     ("serve", "keys", "revoke"): Command(
         _serve_key_revoke, "Revoke a key; requests with it get 401 from then on.",
-        (arg("app", help="Application name."), arg("key_id", help="Key id from `serve keys list`."), _KEYS_DIR),
+        (_APP, arg("key_id", help="Key id from `serve keys list`."), _KEYS_DIR),
     ),
     ("validate",): Command(
         _validate,

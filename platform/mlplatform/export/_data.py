@@ -10,8 +10,8 @@ from typing import Any
 import numpy as np
 
 from mlplatform.errors import HoldoutDataError, InputSignatureError
+from mlplatform.train import artifact
 
-SAMPLE_FILE = "reference_sample.parquet"
 _DTYPES = {"float32": np.float32, "int64": np.int64}
 
 
@@ -93,15 +93,15 @@ def holdout(
         validation = (metadata.get("dataset") or {}).get("validation")
         if validation and _exists(validation):
             candidates.append((validation, True))
-        candidates.append((str(Path(artifact_dir) / SAMPLE_FILE), False))
+        candidates.append((str(Path(artifact_dir) / artifact.SAMPLE), False))
     source, explicit = candidates[0]
-    field = "holdout_path" if path else "metadata.dataset.validation" if explicit else SAMPLE_FILE
+    field = "holdout_path" if path else "metadata.dataset.validation" if explicit else artifact.SAMPLE
     return _rows(_read(source, field), source, metadata, sig, task, max_rows)
 
 
 def calibration(artifact_dir: str | os.PathLike, metadata: dict[str, Any], sig: Signature, task: str, rows: int) -> np.ndarray:
     """Training inputs for static INT8 calibration: the artifact's reference sample (first training rows)."""
-    source = str(Path(artifact_dir) / SAMPLE_FILE)
+    source = str(Path(artifact_dir) / artifact.SAMPLE)
     return _rows(_read(source, "calibration data (the artifact's reference sample)"), source, metadata, sig, task, rows).x
 
 

@@ -24,7 +24,6 @@ FP32_FILE = "model.onnx"
 INT8_FILE = "model.int8.onnx"
 # Files an earlier export added: a re-export of an exported version replaces them.
 _EXPORT_FILES = {FP32_FILE, INT8_FILE, REPORT_FILE}
-_KEY_ENV, _KEY_FILE_ENV = "MLPLATFORM_REGISTRY_KEY", "MLPLATFORM_REGISTRY_KEY_FILE"
 
 
 def make_spec(config: str | os.PathLike | None = None, *, quantize: str | None = None,
@@ -267,12 +266,6 @@ def _lineage_metrics(report: ExportReport) -> dict[str, float]:
 
 def _encrypt_key(key: Any) -> Any:
     """The key to encrypt the exported version with: the caller's, else the registry's default."""
-    if key is not None:
-        return key
-    from mlplatform import registry
+    from mlplatform.registry._keys import default_key
 
-    if os.environ.get(_KEY_ENV):
-        return registry.key_from_env(_KEY_ENV)
-    if os.environ.get(_KEY_FILE_ENV):
-        return registry.key_from_file(os.environ[_KEY_FILE_ENV])
-    return None
+    return key if key is not None else default_key()

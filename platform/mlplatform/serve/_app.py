@@ -40,18 +40,18 @@ def _build(spec: ServeSpec):
 
     from mlplatform import registry
     from mlplatform.serve._ingress import Ingress
-    from mlplatform.serve._models import OnnxCpuModel, TorchGpuModel
+    from mlplatform.serve._models import model_class
 
     version = registry.resolve(spec.model, root=spec.registry_root)
     contract = Contract.from_signature(
         version.lineage.input_signature, spec.limits.max_rows, spec.limits.max_payload_bytes, version.ref
     )
-    refs = {role: version.ref for role in spec.deployments()}
+    versions = {role: version for role in spec.deployments()}
     if spec.canary:
-        refs["canary"] = registry.resolve(spec.canary.model, root=spec.registry_root).ref
+        versions["canary"] = registry.resolve(spec.canary.model, root=spec.registry_root)
+    refs = {role: v.ref for role, v in versions.items()}
     for role, dep in spec.deployments().items():
-        _check_export_gate(version if role != "canary" else registry.resolve(refs["canary"], root=spec.registry_root),
-                           dep.variant, role)
+        _check_export_gate(versions[role], dep.variant, role)
     _preflight(spec)
 
     def model_settings(role: str, dep: ModelDeploymentSpec) -> dict[str, Any]:
@@ -64,9 +64,8 @@ def _build(spec: ServeSpec):
         }
 
     def model(role: str, dep: ModelDeploymentSpec):
-        cls = TorchGpuModel if dep.variant == Variant.TORCH else OnnxCpuModel
         options = _replica_options(dep.label_selector, dep.num_cpus, dep.num_gpus, dep.replicas, dep.autoscaling)
-        return serve.deployment(cls).options(
+        return serve.deployment(model_class(dep.variant.value)).options(
             name=role, max_ongoing_requests=dep.max_ongoing_requests, max_queued_requests=dep.max_queued_requests,
             **options, **_HEALTH,
         ).bind(model_settings(role, dep))

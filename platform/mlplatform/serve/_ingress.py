@@ -76,12 +76,6 @@ def _client(request: Request) -> str:
     return request.client.host if request.client else "anonymous"
 
 
-def _local_model(settings: dict[str, Any]):
-    from mlplatform.serve._models import OnnxCpuModel, TorchGpuModel
-
-    return (TorchGpuModel if settings["variant"] == "torch" else OnnxCpuModel)(settings)
-
-
 @serve.ingress(api)
 class Ingress:
     """One ingress replica: auth, contract, routing, metrics (and, colocated, the primary model)."""
@@ -92,8 +86,13 @@ class Ingress:
         self.contract = Contract(**settings["contract"])
         self.keys = KeyChecker(self.app_name, settings["keys_dir"]) if settings["auth"] else None
         self.handles = {"primary": primary, "fallback": fallback, "canary": canary}
-        # ingress.colocate: the primary model lives in this replica and is called in-process.
-        self.local = _local_model(settings["local_model"]) if settings.get("local_model") else None
+        # ingress.colocate: the primary model lives in this replica and is called in-process
+        # (imported only then: a split ingress never loads model code).
+        self.local = None
+        if settings.get("local_model"):
+            from mlplatform.serve._models import model_class
+
+            self.local = model_class(settings["local_model"]["variant"])(settings["local_model"])
         self.running: dict[str, int] = {}
         self._poller: asyncio.Task | None = None
         self._in_flight = 0

@@ -19,12 +19,14 @@ import numpy as np
 from ray import serve
 
 from mlplatform.errors import ModelNotDeployable, ServeError
+from mlplatform.export._pipeline import FP32_FILE, INT8_FILE
+from mlplatform.export._report import REPORT_FILE
+from mlplatform.train import artifact
 
 logger = logging.getLogger("ray.serve")
 
-VARIANT_FILES = {"onnx_int8": "model.int8.onnx", "onnx_fp32": "model.onnx", "torch": "model.safetensors"}
-REPORT_FILE = "export_report.json"
-SAMPLE_FILE = "reference_sample.parquet"
+# The files of a registered version, named where they are written (training and export).
+VARIANT_FILES = {"onnx_int8": INT8_FILE, "onnx_fp32": FP32_FILE, "torch": artifact.WEIGHTS}
 
 
 def _rows(items: list[np.ndarray]) -> int:
@@ -83,11 +85,11 @@ class _Model:
         files = {p.name: p for p in self.dir.iterdir()}
         report = json.loads((self.dir / REPORT_FILE).read_text()) if REPORT_FILE in files else None
         self.file = check_variant(files, report, settings["variant"], settings["ref"], settings["role"])
-        meta = json.loads((self.dir / "metadata.json").read_text()) if "metadata.json" in files else {}
+        meta = json.loads((self.dir / artifact.METADATA).read_text()) if artifact.METADATA in files else {}
         self.task = meta.get("task", "")
         self.input_name = ((meta.get("input_signature") or {}).get("names") or ["input"])[0]
         self._tags = {"app": settings["app"], "deployment": settings["role"], "version": settings["ref"]}
-        self._drift = self._drift_monitor(meta) if settings.get("drift_enabled") and SAMPLE_FILE in files else None
+        self._drift = self._drift_monitor(meta) if settings.get("drift_enabled") and artifact.SAMPLE in files else None
         self._batched.set_max_batch_size(settings["max_batch_size"])
         self._batched.set_batch_wait_timeout_s(settings["batch_wait_timeout_s"])
 
@@ -96,7 +98,7 @@ class _Model:
 
         from mlplatform.serve._drift import DriftMonitor
 
-        table = pq.read_table(self.dir / SAMPLE_FILE)
+        table = pq.read_table(self.dir / artifact.SAMPLE)
         cols = (meta.get("input_signature") or {}).get("feature_columns") or [
             c for c in table.column_names if c != (meta.get("spec", {}).get("dataset", {}) or {}).get("label_column", "label")
         ]
@@ -181,8 +183,6 @@ class TorchGpuModel(_Model):
         super().__init__(settings)
         import torch
 
-        from mlplatform.train import artifact
-
         want = settings.get("device", "auto")
         if want == "cuda" and not torch.cuda.is_available():
             raise ServeError(
@@ -211,3 +211,8 @@ class TorchGpuModel(_Model):
 
             torch.ones(1, device=self.device).add_(1)
             torch.cuda.synchronize(self.device)
+
+
+def model_class(variant: str) -> type[_Model]:
+    """The deployment class that serves `variant` (torch on CUDA, ONNX Runtime otherwise)."""
+    return TorchGpuModel if variant == "torch" else OnnxCpuModel

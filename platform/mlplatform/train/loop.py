@@ -19,7 +19,6 @@ import time
 from typing import Any
 
 TAG = "ds"  # DeepSpeed checkpoint tag inside every reported checkpoint directory
-WEIGHTS = "model.safetensors"
 # Test hook, read on the driver and passed to workers: "rank:step:marker_file" makes that
 # rank exit hard once at that step (the marker file keeps it from repeating after restart).
 FAULT_ENV = "MLPLATFORM_TRAIN_FAULT"
@@ -243,7 +242,7 @@ def _save_consolidated(engine, spec, kwargs, out_dir: str, rank: int) -> None:
     import torch
     from deepspeed.utils import safe_get_full_fp32_param
 
-    from mlplatform.train import models
+    from mlplatform.train import artifact, models
 
     full: dict[str, torch.Tensor] = {}
     for name, param in engine.module.named_parameters():
@@ -268,7 +267,7 @@ def _save_consolidated(engine, spec, kwargs, out_dir: str, rank: int) -> None:
         leftover = set(missing.missing_keys) - tied
         if leftover:
             raise RuntimeError(f"consolidated weights lack {sorted(leftover)}")
-    save_model(model, os.path.join(out_dir, WEIGHTS))
+    save_model(model, os.path.join(out_dir, artifact.WEIGHTS))
 
 
 def _optimizer(spec, model):

@@ -18,7 +18,7 @@ from typing import Any
 from mlplatform.errors import PreflightError, TrainingFailed
 from mlplatform.train import artifact as _artifact
 from mlplatform.train import data as _data
-from mlplatform.train.loop import FAULT_ENV, WEIGHTS, train_loop_per_worker
+from mlplatform.train.loop import FAULT_ENV, train_loop_per_worker
 from mlplatform.train.plan import Plan, plan
 from mlplatform.train.preflight import preflight, storage_filesystem
 from mlplatform.train.spec import Task, TrainSpec
@@ -80,10 +80,10 @@ def train(spec: TrainSpec) -> TrainResult:
     if result.checkpoint is None:
         raise TrainingFailed(f"{spec.name}: the run ended without a checkpoint; see the job logs.")
     with result.checkpoint.as_directory() as ckpt_dir:
-        weights = Path(ckpt_dir) / WEIGHTS
+        weights = Path(ckpt_dir) / _artifact.WEIGHTS
         if not weights.is_file():
             raise TrainingFailed(
-                f"{spec.name}: the last checkpoint ({result.checkpoint.path}) has no {WEIGHTS}; the run stopped "
+                f"{spec.name}: the last checkpoint ({result.checkpoint.path}) has no {_artifact.WEIGHTS}; the run stopped "
                 "before its final step. Submit the same spec again to resume."
             )
         artifact_dir = _write_artifact(spec, the_plan, paths, fingerprint, datasets, str(weights), metrics, root)
