@@ -7,6 +7,7 @@ training nor the export package: only on the files a registered exported version
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from pathlib import Path
@@ -202,3 +203,21 @@ def ray_metric(cluster, name: str, timeout_s: float = 60.0, want=bool) -> list[t
             return samples
         time.sleep(2)
     raise AssertionError(f"no {name} samples satisfying the check within {timeout_s:.0f}s; last: {samples}")
+
+
+class CountingModel:
+    """A stand-in model deployment that takes `delay_s` per call and counts the calls that
+    started and finished (a call cancelled on the replica never finishes), answering zeros
+    in the shape the ingress expects."""
+
+    def __init__(self, delay_s: float):
+        self.delay_s, self.started, self.finished = delay_s, 0, 0
+
+    async def __call__(self, x: np.ndarray) -> dict:
+        self.started += 1
+        await asyncio.sleep(self.delay_s)
+        self.finished += 1
+        return {"outputs": np.zeros((len(x), CLASSES), np.float32), "batch_rows": len(x), "task": "classification"}
+
+    def counts(self) -> dict[str, int]:
+        return {"started": self.started, "finished": self.finished}

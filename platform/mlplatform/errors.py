@@ -28,6 +28,10 @@ class ClusterAlreadyRunning(ClusterError):
     """`up` was asked for a cluster that is already running."""
 
 
+class ClusterBusy(ClusterError):
+    """Another `up` or `down` of the same cluster holds its lock."""
+
+
 class PortInUse(ClusterError):
     """A port the cluster needs is held by another process."""
 

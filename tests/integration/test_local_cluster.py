@@ -60,6 +60,7 @@ def test_cli_status_and_env(three_region_cluster):
     assert "eu-central-1" in status and "spot" in status and "head (head)" in status
     env = run("cluster", "env", "--name", three_region_cluster.name)
     assert f"export RAY_ADDRESS={three_region_cluster.gcs_address}" in env and "RAY_AUTH_MODE=token" in env
+    assert f"export RAY_DASHBOARD_ADDRESS={three_region_cluster.dashboard_url}" in env  # for `serve deploy`
     # `ray status` works with nothing but those variables.
     variables = dict(line.removeprefix("export ").split("=", 1) for line in env.splitlines())
     out = subprocess.run(
@@ -146,6 +147,11 @@ def test_cli_up_and_down_lifecycle(tmp_path, three_region_cluster):
     down = subprocess.run([*cli, "down", "--name", "dev"], capture_output=True, text=True, timeout=120)
     assert down.returncode == 0, down.stderr
     assert "Stopped 'dev': 1 node(s)." in down.stdout
+    # At once, on the same ports: the stopped head's connections still sit in TIME_WAIT there.
+    up = subprocess.run([*cli, "up", "--config", str(path)], capture_output=True, text=True, timeout=300)
+    assert up.returncode == 0, up.stderr
+    down = subprocess.run([*cli, "down", "--name", "dev"], capture_output=True, text=True, timeout=120)
+    assert down.returncode == 0, down.stderr
     again = subprocess.run([*cli, "down", "--name", "dev"], capture_output=True, text=True, timeout=60)
     assert again.returncode == 1 and "No local cluster named 'dev' is running" in again.stderr
 
@@ -171,3 +177,37 @@ def test_down_stops_the_workers_of_a_cluster_whose_head_died():
     assert not worker.alive()
     assert not any(_in_group(p, worker.pid) for p in psutil.process_iter())
     assert not (local.home() / "clusters" / "headless" / "state.json").exists()
+
+
+def test_down_stops_the_nodes_of_an_up_that_was_killed(tmp_path, three_region_cluster):
+    import time
+
+    import yaml
+
+    spec = with_free_ports(config.validate(
+        {
+            "name": "killedup",
+            "head": {"name": "head", "cpus": 1, "memory_gb": 1, "region": "r", "zone": "z"},
+            "worker_groups": [{"name": "w", "cpus": 1, "memory_gb": 1, "region": "r", "zone": "z"}],
+        },
+        cluster.ClusterSpec, "test",
+    ))
+    path = tmp_path / "killedup.yaml"
+    path.write_text(yaml.safe_dump(spec.model_dump(mode="json")))
+    cdir = local.home() / "clusters" / "killedup"
+    cli = [sys.executable, "-m", "mlplatform", "cluster"]
+    up = subprocess.Popen([*cli, "up", "--config", str(path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # Killed (no chance to clean up) once the head runs and the worker is starting.
+    deadline = time.monotonic() + 120
+    while not ((cdir / "logs" / "w-0.log").exists() and (cdir / "logs" / "w-0.log").read_text()):
+        assert up.poll() is None and time.monotonic() < deadline, "`up` ended before its worker started"
+        time.sleep(0.1)
+    up.kill()
+    up.wait()
+    recorded = local._read_state(cdir / "state.json")
+    assert recorded is not None and [n.name for n in recorded.nodes] == ["head", "w-0"]
+    down = subprocess.run([*cli, "down", "--name", "killedup"], capture_output=True, text=True, timeout=120)
+    assert down.returncode == 0, down.stderr
+    assert "Stopped 'killedup': 2 node(s)." in down.stdout
+    assert not any(_in_group(p, n.pid) for n in recorded.nodes for p in psutil.process_iter())
+    assert not (cdir / "state.json").exists()

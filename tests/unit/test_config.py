@@ -1,7 +1,7 @@
 """config.load: one error naming the file, each field path, its line, the value and what is allowed."""
 
 import pytest
-from pydantic import Field
+from pydantic import Field, ValidationError
 
 from mlplatform import config
 from mlplatform.cluster import ClusterSpec
@@ -61,8 +61,9 @@ def test_not_a_mapping(tmp_path):
 
 def test_specs_are_frozen(tmp_path):
     spec = config.load(write(tmp_path, "name: a\n"), Outer)
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match=r"name\n  Instance is frozen"):
         spec.name = "b"
+    assert spec.name == "a"
 
 
 def test_cluster_spec_errors_all_at_once(tmp_path):

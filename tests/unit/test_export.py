@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import shutil
 from pathlib import Path
@@ -167,10 +166,13 @@ def test_missing_input_signature_is_refused_before_any_work(digits_registry, exp
     assert _versions(digits_registry, "nosig") == [1]
 
 
-@pytest.mark.parametrize("ref,error", [("digits@canary", AliasNotFound), ("digits@99", VersionNotFound)])
-def test_unknown_alias_or_version_is_the_registry_error(digits_registry, exported, ref, error):
+@pytest.mark.parametrize("ref,error,message", [
+    ("digits@canary", AliasNotFound, "Got 'canary' for `ref`; model 'digits' has no alias 'canary'"),
+    ("digits@99", VersionNotFound, "Got 99 for `ref`; model 'digits' has versions 1-2"),
+])
+def test_unknown_alias_or_version_is_the_registry_error(digits_registry, exported, ref, error, message):
     before = _versions(digits_registry, "digits")
-    with pytest.raises(error):
+    with pytest.raises(error, match=message):
         export_model(ref, FAST, root=digits_registry)
     assert _versions(digits_registry, "digits") == before
 
@@ -183,7 +185,32 @@ def test_unreadable_holdout_path_names_the_field(digits_registry, exported, tmp_
     assert _versions(digits_registry, "digits") == before
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")
+def test_unreadable_validation_data_fails_instead_of_weakening_the_gate(digits_registry, exported, tmp_path):
+    art = tmp_path / "lost"
+    registry.fetch("digits@1", art, root=digits_registry)
+    meta = json.loads((art / "metadata.json").read_text())
+    validation = meta["dataset"]["validation"]
+    meta["dataset"]["validation"] = str(tmp_path / "moved-away.parquet")
+    (art / "metadata.json").write_text(json.dumps(meta))
+    registry.register(art, "lost", root=digits_registry)
+    fix = r"cannot read it as Parquet .*pass a readable Parquet copy of it as `holdout_path`"
+    with pytest.raises(HoldoutDataError, match=rf"moved-away.parquet' for `metadata.dataset.validation`; {fix}"):
+        export_model("lost@1", FAST, root=digits_registry)
+    assert _versions(digits_registry, "lost") == [1]
+
+    # A file that is there but not Parquet: the same error, never the training rows instead.
+    (tmp_path / "moved-away.parquet").write_bytes(b"not parquet")
+    with pytest.raises(HoldoutDataError, match=rf"moved-away.parquet' for `metadata.dataset.validation`; {fix}"):
+        export_artifact(art, tmp_path / "out", FAST)
+    assert not (tmp_path / "out").exists()
+
+    # The fix the error names works: the validation data passed as `holdout_path`.
+    report = export_model("lost@1", ExportSpec(holdout_path=validation, benchmark={"enabled": False}),
+                          root=digits_registry)
+    assert report.holdout == {"source": validation, "rows": 360, "labeled": True}
+    assert _versions(digits_registry, "lost") == [1, 2]
+
+
 def test_read_only_registry_is_refused_first_and_nothing_is_written(digits_registry, exported, tmp_path, monkeypatch):
     from mlplatform.export import _pipeline
 
@@ -193,17 +220,15 @@ def test_read_only_registry_is_refused_first_and_nothing_is_written(digits_regis
     monkeypatch.setattr(_pipeline, "export_artifact", no_work)
     root = tmp_path / "ro"
     shutil.copytree(digits_registry, root)
-    for d in [root, *root.rglob("*")]:
-        if d.is_dir():
-            d.chmod(0o555)
-    try:
-        with pytest.raises(RegistryNotWritable):
-            export_model("digits@1", FAST, root=root)
-    finally:
-        for d in [root, *root.rglob("*")]:
-            if d.is_dir():
-                d.chmod(0o755)
+    # Readable, but the new version cannot be staged: a regular file where registering creates
+    # its staging directory stops root too (directory permissions would not; the tests run as root).
+    shutil.rmtree(root / "digits" / ".staging", ignore_errors=True)
+    (root / "digits" / ".staging").write_text("")
+    match = r"ro \(`root`\) is not writable for model 'digits'.*Nothing was written"
+    with pytest.raises(RegistryNotWritable, match=match):
+        export_model("digits@1", FAST, root=root)
     assert _versions(root, "digits") == [1, 2]
+    assert (root / "digits" / ".staging").read_text() == ""
 
 
 def test_out_dir_that_is_not_empty_is_refused(digits_registry, exported, tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import shutil
 from pathlib import Path
 
 import pytest
@@ -121,17 +122,23 @@ def test_unwritable_root_is_refused_before_anything_is_written(tmp_path):
     assert list((tmp_path / "fresh").iterdir()) == []
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")
-def test_read_only_root_is_refused(tmp_path):
-    root = tmp_path / "registry"
-    root.mkdir()
-    root.chmod(0o555)
-    try:
-        with pytest.raises(RegistryNotWritable):
-            register(make_artifact(tmp_path / "a"), "m", root=root)
-        assert list(root.iterdir()) == []
-    finally:
-        root.chmod(0o755)
+def test_unwritable_root_or_model_directory_is_refused(registry, tmp_path):
+    # Directory permissions do not stop root (the tests run as root); a regular file where the
+    # registry must create a directory stops every user.
+    not_a_dir = tmp_path / "registry-file"
+    not_a_dir.write_text("")
+    match = r"registry-file \(`root`\) is not writable for model 'm'.*Not a directory.*Nothing was written"
+    with pytest.raises(RegistryNotWritable, match=match):
+        register(make_artifact(tmp_path / "a"), "m", root=not_a_dir)
+    assert not_a_dir.read_text() == ""
+    # A writable root whose model area is not: refused before any file is copied, and the
+    # export's early check (check_writable with the model's name) sees it too.
+    shutil.rmtree(registry / "m" / ".staging", ignore_errors=True)
+    (registry / "m" / ".staging").write_text("")
+    match = r"registry \(`root`\) is not writable for model 'm' \(.*/m/.staging\): .*File exists"
+    fails(RegistryNotWritable, match, lambda: register(tmp_path / "a", "m", root=registry), registry)
+    fails(RegistryNotWritable, match, lambda: check_writable(registry, "m"), registry)
+    check_writable(registry)  # the root itself is writable
 
 
 @pytest.mark.parametrize(

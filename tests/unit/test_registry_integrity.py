@@ -99,7 +99,7 @@ def test_edited_manifest_is_refused(plain, tmp_path):
     with pytest.raises(IntegrityError, match="manifest.json was modified"):
         fetch("m@1", tmp_path / "out", root=plain)
     assert_nothing_left(tmp_path / "out")
-    with pytest.raises(IntegrityError):
+    with pytest.raises(IntegrityError, match="manifest.json was modified"):
         show("m@1", root=plain)
 
 

@@ -49,8 +49,9 @@ def test_content_length_checked_before_reading():
     with pytest.raises(ContractViolation) as e:
         C.check_length("5000")
     assert e.value.status == 413
-    with pytest.raises(ContractViolation):
+    with pytest.raises(ContractViolation, match="Content-Length 'lots' is not a number") as e:
         C.check_length("lots")
+    assert e.value.status == 400
 
 
 def test_signature_problems_are_named():

@@ -14,7 +14,8 @@ SHIPPED = [(path, spec_kinds.kind_of(path)) for path in SHIPPED]
 
 @pytest.mark.parametrize("path,kind", SHIPPED, ids=[p for p, _ in SHIPPED])
 def test_shipped_yaml_validates(path, kind):
-    config.load(REPO / path, spec_kinds.model_for(kind))
+    model = spec_kinds.model_for(kind)
+    assert isinstance(config.load(REPO / path, model), model)
 
 
 def test_every_shipped_spec_yaml_has_a_kind():

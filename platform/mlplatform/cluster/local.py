@@ -2,9 +2,11 @@
 
 Each node is one `ray start --block` process in a process group of its own: Ray makes
 it the group leader and its reaper takes the node's raylet, agents and workers down
-with it, so stopping a node is signalling exactly that group. `up` records every
-group it started (pid and start time, so a reused pid is never signalled) in
-<MLPLATFORM_HOME>/clusters/<name>/state.json; `down` stops exactly those.
+with it, so stopping a node is signalling exactly that group. `up` records each
+group as soon as it starts it (pid and start time, so a reused pid is never signalled)
+in <MLPLATFORM_HOME>/clusters/<name>/state.json; `down` stops exactly those, so an `up`
+killed half-way leaves nothing `down` cannot stop. `up` and `down` of one cluster hold
+an exclusive lock (`lock` beside the state), so two of them never interleave.
 
 Token authentication is always on: `up` writes a fresh token (mode 0600) beside the
 state and starts every node with RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH.
@@ -12,6 +14,8 @@ state and starts every node with RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -26,8 +30,8 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from mlplatform.cluster.spec import (
@@ -40,6 +44,7 @@ from mlplatform.cluster.spec import (
 )
 from mlplatform.errors import (
     ClusterAlreadyRunning,
+    ClusterBusy,
     ClusterError,
     ClusterNotRunning,
     NodeStartError,
@@ -56,7 +61,14 @@ _LABEL_ENV = {
     MARKET_LABEL: "RAY_NODE_MARKET_TYPE",
 }
 # Client-side variables that would point a node at some other cluster.
-_FOREIGN_ENV = ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE")
+_FOREIGN_ENV = (
+    "RAY_ADDRESS",
+    "RAY_API_SERVER_ADDRESS",
+    "RAY_DASHBOARD_ADDRESS",
+    "RAY_AUTH_TOKEN",
+    "RAY_AUTH_TOKEN_PATH",
+    "RAY_AUTH_MODE",
+)
 
 
 def home() -> Path:
@@ -103,10 +115,16 @@ class LocalCluster:
     nodes: tuple[NodeProcess, ...] = field(default_factory=tuple)
 
     def env(self) -> dict[str, str]:
-        """Variables that point `ray`, `ray job submit` and `ray.init()` at this cluster."""
+        """Variables that point Ray's CLIs and `ray.init()` at this cluster.
+
+        Each CLI reads its own: `ray status` and `ray.init()` RAY_ADDRESS (the GCS), `ray job`
+        RAY_API_SERVER_ADDRESS, `serve deploy/status/shutdown` RAY_DASHBOARD_ADDRESS (both
+        the dashboard, which Ray would otherwise look for on port 8265).
+        """
         return {
             "RAY_ADDRESS": self.gcs_address,
             "RAY_API_SERVER_ADDRESS": self.dashboard_url,
+            "RAY_DASHBOARD_ADDRESS": self.dashboard_url,
             "RAY_AUTH_MODE": "token",
             "RAY_AUTH_TOKEN_PATH": self.token_path,
         }
@@ -120,10 +138,16 @@ def up(spec: ClusterSpec, config: str = "", *, timeout_s: float = 120.0) -> Loca
     """Start `spec` as a local multi-node cluster and return it once every node runs.
 
     Raises:
+        ClusterBusy: another `up` or `down` of this cluster is in progress.
         ClusterAlreadyRunning: a cluster of this name is running.
         PortInUse: a head port is taken; nothing was started.
         NodeStartError: a node failed; every node already started was stopped again.
     """
+    with _exclusive(spec.name):
+        return _up(spec, config, timeout_s)
+
+
+def _up(spec: ClusterSpec, config: str, timeout_s: float) -> LocalCluster:
     cdir = _cluster_dir(spec.name)
     _clear_stale_state(spec.name, config)
     _check_ports_free(spec, config)
@@ -138,43 +162,53 @@ def up(spec: ClusterSpec, config: str = "", *, timeout_s: float = 120.0) -> Loca
     # Job entrypoints run `python`: make it this interpreter, the one mlplatform is installed in.
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
 
-    started: list[NodeProcess] = []
+    # The GCS address is known once the head runs; until then it stays empty in the state.
+    cluster = LocalCluster(
+        name=spec.name,
+        config=config,
+        gcs_address="",
+        dashboard_url=f"http://127.0.0.1:{spec.ports.dashboard}",
+        client_address=f"ray://127.0.0.1:{spec.ports.client_server}",
+        token_path=str(token_path),
+        temp_dir=str(temp_dir),
+    )
     try:
         # Each node gets its own temp dir: a node's log monitor streams every log under
         # its temp dir to the drivers, so a shared one prints each line once per node.
         head = _spawn(spec.head, "head", _head_flags(spec, temp_dir / "head"), env, cdir)
-        started.append(head)
+        cluster = _add_node(cluster, head)
         _wait_ready([head], timeout_s)
         ip = (temp_dir / "head" / "ray_current_cluster").read_text().strip().rsplit(":", 1)[0]
-        gcs_address = f"{ip}:{spec.ports.gcs}"
+        cluster = replace(cluster, gcs_address=f"{ip}:{spec.ports.gcs}")
+        _write_state(cluster)
         # One at a time: nodes starting side by side on one machine race for ports.
         for group in spec.worker_groups:
             for i in range(group.count):
                 node_name = f"{group.name}-{i}"
-                flags = [f"--address={gcs_address}", f"--temp-dir={temp_dir / node_name}"]
-                started.append(_spawn(group, node_name, flags, env, cdir))
-                _wait_ready(started[-1:], timeout_s)
-        dashboard_url = f"http://127.0.0.1:{spec.ports.dashboard}"
-        _wait_http(dashboard_url, timeout_s, started[0])
+                flags = [f"--address={cluster.gcs_address}", f"--temp-dir={temp_dir / node_name}"]
+                node = _spawn(group, node_name, flags, env, cdir)
+                cluster = _add_node(cluster, node)
+                _wait_ready([node], timeout_s)
+        _wait_http(cluster.dashboard_url, timeout_s, head)
     except BaseException as e:
-        _stop_nodes(started)
+        survivors = _stop_nodes(list(cluster.nodes))
+        if survivors:
+            raise ClusterError(f"{e}\n{_survivors_message(cluster, survivors)}") from e
+        (cdir / "state.json").unlink(missing_ok=True)
         token_path.unlink(missing_ok=True)
         if isinstance(e, NodeStartError):
             # Ray's own logs (raylet, GCS) say why; keep them and point at them.
             # Nodes start one at a time, so the last one started is the one that failed.
-            raise NodeStartError(f"{e}\nRay's logs: {temp_dir / started[-1].name}/session_latest/logs") from None
+            raise NodeStartError(
+                f"{e}\nRay's logs: {temp_dir / cluster.nodes[-1].name}/session_latest/logs"
+            ) from None
         raise
+    return cluster
 
-    cluster = LocalCluster(
-        name=spec.name,
-        config=config,
-        gcs_address=gcs_address,
-        dashboard_url=dashboard_url,
-        client_address=f"ray://127.0.0.1:{spec.ports.client_server}",
-        token_path=str(token_path),
-        temp_dir=str(temp_dir),
-        nodes=tuple(started),
-    )
+
+def _add_node(cluster: LocalCluster, node: NodeProcess) -> LocalCluster:
+    """`cluster` with `node` added, recorded at once: were `up` killed now, `down` still stops it."""
+    cluster = replace(cluster, nodes=(*cluster.nodes, node))
     _write_state(cluster)
     return cluster
 
@@ -182,18 +216,26 @@ def up(spec: ClusterSpec, config: str = "", *, timeout_s: float = 120.0) -> Loca
 def down(name: str | None = None) -> LocalCluster:
     """Stop exactly the nodes `up` started for cluster `name` (or the only running one).
 
-    A named cluster whose head already died still has its remaining nodes stopped.
+    A named cluster whose head already died (or whose `up` was killed half-way) still has
+    its remaining nodes stopped.
 
     Raises:
         ClusterNotRunning: no such cluster is running.
+        ClusterBusy: another `up` or `down` of this cluster is in progress.
+        ClusterError: a node could not be stopped; its state is kept, so `down` can be run again.
     """
-    recorded = _read_state(_cluster_dir(name) / "state.json") if name else None
-    cluster = recorded or find(name)
-    _stop_nodes(list(cluster.nodes))
-    shutil.rmtree(cluster.temp_dir, ignore_errors=True)
-    cdir = _cluster_dir(cluster.name)
-    (cdir / "state.json").unlink(missing_ok=True)
-    Path(cluster.token_path).unlink(missing_ok=True)
+    name = name or find().name
+    state = _cluster_dir(name) / "state.json"
+    if not state.exists():
+        find(name)  # raises ClusterNotRunning, naming the clusters that do run
+    with _exclusive(name):
+        cluster = _read_state(state) or find(name)  # gone meanwhile: find raises ClusterNotRunning
+        survivors = _stop_nodes(list(cluster.nodes))
+        if survivors:
+            raise ClusterError(_survivors_message(cluster, survivors))
+        shutil.rmtree(cluster.temp_dir, ignore_errors=True)
+        state.unlink(missing_ok=True)
+        Path(cluster.token_path).unlink(missing_ok=True)
     return cluster
 
 
@@ -360,24 +402,40 @@ def _check_ports_free(spec: ClusterSpec, config: str) -> None:
 
 
 def _port_free(port: int) -> bool:
+    """Whether Ray's servers could listen on `port` now.
+
+    They bind with SO_REUSEADDR, so sockets of a stopped cluster left in TIME_WAIT do not
+    block them (a plain bind here would call the port taken for up to a minute after
+    `down`); a live listener does.
+    """
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("0.0.0.0", port))
         except OSError:
             return False
-    return True
+    # Where SO_REUSEADDR lets a wildcard bind share a port with a listener on one address
+    # (BSD, macOS), the bind succeeds; connecting finds that listener.
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.settimeout(1.0)
+        return s.connect_ex(("127.0.0.1", port)) != 0
 
 
 # Above Ray's worker ports (10002-19999), below Linux's ephemeral range (32768+).
 _NODE_PORTS = range(20000, 32768)
 
 
-def _free_port() -> int:
-    while True:
+def _free_port(tries: int = 200) -> int:
+    for _ in range(tries):
         port = random.choice(_NODE_PORTS)
         if port not in _handed_out and _port_free(port):
             _handed_out.add(port)
             return port
+    raise PortInUse(
+        f"Found no free port for a node's agents in {_NODE_PORTS.start}-{_NODE_PORTS.stop - 1} after {tries} "
+        "random tries: that range is nearly full. Stop clusters or processes listening there "
+        "(`ss -ltn` lists them) and run `up` again."
+    )
 
 
 _handed_out: set[int] = set()  # ports given to nodes of this process, not yet bound
@@ -386,15 +444,33 @@ _handed_out: set[int] = set()  # ports given to nodes of this process, not yet b
 # --- stopping nodes ---------------------------------------------------------------
 
 
-def _stop_nodes(nodes: list[NodeProcess], grace_s: float = 10.0) -> None:
-    """Stop workers before the head; SIGTERM each group, SIGKILL what outlives the grace."""
+_STOP_GRACE_S = 10.0  # from SIGTERM to SIGKILL
+_KILL_WAIT_S = 10.0  # for SIGKILLed processes to go
+
+
+def _stop_nodes(nodes: list[NodeProcess]) -> list[NodeProcess]:
+    """Stop workers before the head; SIGTERM each group, SIGKILL what outlives the grace.
+
+    Returns the nodes whose process group still has a live process (not ours to
+    signal, or stuck in the kernel): their state must not be forgotten.
+    """
     live = [n for n in reversed(nodes) if n.alive()]
     for node in live:
         _signal_group(node.pid, signal.SIGTERM)
-    _wait_gone(live, grace_s)
+    _wait_gone(live, _STOP_GRACE_S)
     for node in live:
         _signal_group(node.pid, signal.SIGKILL)
-    _wait_gone(live, 10.0)
+    _wait_gone(live, _KILL_WAIT_S)
+    return [n for n in nodes if _group_exists(n.pid)]
+
+
+def _survivors_message(cluster: LocalCluster, survivors: list[NodeProcess]) -> str:
+    nodes = ", ".join(f"{n.name} (process group {n.pid})" for n in survivors)
+    return (
+        f"Could not stop node(s) {nodes} of cluster '{cluster.name}'; its state is kept in "
+        f"{_cluster_dir(cluster.name)}. Stop them yourself (`kill -KILL -- -PGID`, as their owner or root), "
+        f"then run `mlplatform cluster down --name {cluster.name}` again."
+    )
 
 
 def _wait_gone(nodes: list[NodeProcess], timeout_s: float) -> None:
@@ -449,8 +525,34 @@ def _clear_stale_state(name: str, config: str) -> None:
             "or use it as it is."
         )
     # The head is gone (a reboot, a killed process): stop any leftover node, forget the rest.
-    _stop_nodes(list(cluster.nodes))
+    survivors = _stop_nodes(list(cluster.nodes))
+    if survivors:
+        raise ClusterError(_survivors_message(cluster, survivors))
     state.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _exclusive(name: str) -> Iterator[None]:
+    """Hold cluster `name`'s lock: one `up` or `down` of it at a time, across processes.
+
+    flock is released by the kernel when its holder dies, so a killed `up` never leaves
+    the cluster locked.
+    """
+    cdir = _cluster_dir(name)
+    cdir.mkdir(parents=True, exist_ok=True)
+    with open(cdir / "lock", "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            raise ClusterBusy(
+                f"Another `mlplatform cluster up` or `down` of '{name}' is in progress (pid {f.read().strip() or '?'}); "
+                "wait for it to finish, or stop it, then try again."
+            ) from None
+        f.truncate(0)
+        f.write(str(os.getpid()))
+        f.flush()
+        yield
 
 
 def _write_state(cluster: LocalCluster) -> None:

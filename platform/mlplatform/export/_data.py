@@ -84,19 +84,20 @@ def holdout(
     """Held-out rows: `path` if given, else the validation data in metadata, else the reference sample.
 
     Raises:
-        HoldoutDataError: `path` is unreadable or lacks the model's columns.
+        HoldoutDataError: `path`, or the validation data the metadata names, is unreadable or lacks
+            the model's columns (never a silent fallback to training rows: the gate would weaken).
     """
-    candidates: list[tuple[str, bool]] = []
     if path:
-        candidates.append((path, True))
-    else:
-        validation = (metadata.get("dataset") or {}).get("validation")
-        if validation and _exists(validation):
-            candidates.append((validation, True))
-        candidates.append((str(Path(artifact_dir) / artifact.SAMPLE), False))
-    source, explicit = candidates[0]
-    field = "holdout_path" if path else "metadata.dataset.validation" if explicit else artifact.SAMPLE
-    return _rows(_read(source, field), source, metadata, sig, task, max_rows)
+        return _rows(_read(path, "holdout_path"), path, metadata, sig, task, max_rows)
+    validation = (metadata.get("dataset") or {}).get("validation")
+    if validation:
+        fix = ("The accuracy gate needs the data the model was validated on: make it readable there, or pass a "
+               "readable Parquet copy of it as `holdout_path` in the export spec.")
+        table = _read(validation, "metadata.dataset.validation", fix)
+        return _rows(table, validation, metadata, sig, task, max_rows)
+    # Trained on a split of one file: no held-out file exists, so the gate checks agreement on training rows.
+    sample = str(Path(artifact_dir) / artifact.SAMPLE)
+    return _rows(_read(sample, artifact.SAMPLE), sample, metadata, sig, task, max_rows)
 
 
 def calibration(artifact_dir: str | os.PathLike, metadata: dict[str, Any], sig: Signature, task: str, rows: int) -> np.ndarray:
@@ -143,22 +144,10 @@ def _token_blocks(table, metadata: dict[str, Any], sig: Signature, source: str) 
     return data[: n * seq].reshape(n, seq).astype(np.int64)
 
 
-def _exists(uri: str) -> bool:
-    import pyarrow.fs as pafs
-
-    try:
-        fs, inner = pafs.FileSystem.from_uri(uri if "://" in uri else os.path.abspath(uri))
-        return fs.get_file_info(inner).type != pafs.FileType.NotFound
-    except Exception:  # unreachable store: fall back to the reference sample
-        return False
-
-
-def _read(source: str, field: str):
+def _read(source: str, field: str, fix: str = "Pass a readable Parquet file or directory."):
     import pyarrow.parquet as pq
 
     try:
         return pq.read_table(source)
     except Exception as e:  # pyarrow raises several types for missing or malformed files
-        raise HoldoutDataError(
-            f"Got {source!r} for `{field}`; cannot read it as Parquet ({e}). Pass a readable Parquet file or directory."
-        ) from None
+        raise HoldoutDataError(f"Got {source!r} for `{field}`; cannot read it as Parquet ({e}). {fix}") from None

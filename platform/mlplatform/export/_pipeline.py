@@ -72,7 +72,7 @@ def export_model(
 
     spec = spec or ExportSpec()
     parent = registry.resolve(ref, root=root)
-    registry.check_writable(root)  # before the export work, not after it
+    registry.check_writable(root, spec.name or parent.name)  # before the export work, not after it
     work = Path(tempfile.mkdtemp(prefix="mlplatform-export-"))
     try:
         src = work / "source"

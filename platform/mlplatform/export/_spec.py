@@ -109,7 +109,8 @@ class ExportSpec(Spec):
         None,
         description=(
             "Held-out Parquet file for the gates (features + label, or the text column for LMs); default: the "
-            "validation data named in the artifact's metadata, else its reference sample (agreement only)."
+            "validation data named in the artifact's metadata (an error if it cannot be read), else, when "
+            "training held out a split of its data, the artifact's reference sample (agreement only)."
         ),
     )
     max_holdout_rows: int = Field(2000, ge=1, description="Most held-out rows (LM: sequences) the gates evaluate.")

@@ -26,12 +26,14 @@ from mlplatform.registry._records import Encryption, FileEntry, Version, manifes
 from mlplatform.registry._store import Store, staging_token
 
 
-def check_writable(root: str | os.PathLike[str] | None = None) -> None:
-    """Raise RegistryNotWritable now unless a version could be registered under `root`.
+def check_writable(root: str | os.PathLike[str] | None = None, name: str | None = None) -> None:
+    """Raise RegistryNotWritable now unless a version (of model `name`, if given) could be registered under `root`.
 
     For callers that do minutes of work before registering (export), so they fail first.
     """
-    Store(root).ensure_writable()
+    if name is not None:
+        check_name(name)
+    Store(root).ensure_writable(name)
 
 
 def register(
@@ -84,7 +86,7 @@ def register(
             wrapped_key=base64.b64encode(wrapped).decode(),
             chunk_bytes=CHUNK_BYTES,
         )
-    store.ensure_writable()
+    store.ensure_writable(name)
 
     staging = store.path(name, ".staging", staging_token())
     placed: list[int] = []  # the version number, once its directory is moved into place

@@ -124,17 +124,23 @@ class Store:
 
     # --- writes ---
 
-    def ensure_writable(self) -> None:
-        """Create the root if needed and prove a file can be written there, else raise."""
-        probe = self.path(f".write-probe-{uuid.uuid4().hex}")
+    def ensure_writable(self, name: str | None = None) -> None:
+        """Create the root if needed and prove a file can be written there, else raise.
+
+        With `name`, the probe goes where registering that model writes first (its staging
+        area): a writable root does not make a model's own directory writable.
+        """
+        where = self.path(name, ".staging") if name else self.root
+        probe = f"{where}/.write-probe-{uuid.uuid4().hex}"
         try:
-            self.fs.create_dir(self.root, recursive=True)
+            self.fs.create_dir(where, recursive=True)
             with self.fs.open_output_stream(probe) as f:
                 f.write(b"")
             self.fs.delete_file(probe)
         except OSError as e:
+            for_model = f" for model {name!r} ({self.uri(where)})" if name else ""
             raise RegistryNotWritable(
-                f"Registry root {self.display} (`root`) is not writable: {_reason(e)}. Nothing "
+                f"Registry root {self.display} (`root`) is not writable{for_model}: {_reason(e)}. Nothing "
                 f"was written. Pass a `root` you can write to, or fix its permissions."
             ) from None
 

@@ -76,11 +76,22 @@ class CanaryGate:
         self.started: float | None = None
         self.verdict = Verdict(WATCHING, "no canary traffic yet", {})
         self.move: dict[str, Any] | None = None
+        self._moving: asyncio.Task | None = None  # the one alias move, once the verdict is in
 
     async def record(self, samples: list[tuple[float, bool, float]]) -> dict[str, Any]:
-        """Add canary outcomes from one ingress; returns the current verdict."""
-        if self.verdict.state != WATCHING:
-            return self.status()
+        """Add canary outcomes from one ingress; returns the current verdict (with its alias move once made)."""
+        if self.verdict.state == WATCHING:
+            self._judge(samples)
+        if self._moving is not None:
+            # Every report answers with the one move's outcome: an ingress stops reporting once it
+            # has a verdict, so it must not get one without the move. Shielded: a cancelled report
+            # must not cancel the move.
+            await asyncio.shield(self._moving)
+        return self.status()
+
+    def _judge(self, samples: list[tuple[float, bool, float]]) -> None:
+        """Add the samples and decide. Synchronous on purpose: the replica serves several reports
+        at once, and a decision interleaved with an await could be made (and the alias moved) twice."""
         for t, ok, ms in samples:
             self.started = t if self.started is None else min(self.started, t)
             self.samples.append(Sample(t, ok, ms))
@@ -88,18 +99,20 @@ class CanaryGate:
         while self.samples and self.samples[0].t < now - self.s["gate"]["window_s"]:
             self.samples.popleft()
         if self.started is None:
-            return self.status()
-        verdict = evaluate(list(self.samples), self.started, now, self.s["gate"])
-        if verdict.state != WATCHING:
-            try:
-                self.move = await asyncio.to_thread(self._act, verdict)
-            except Exception as e:  # the traffic decision stands even if the registry refuses
-                logger.exception("canary gate could not move the alias")
-                self.move = {"error": f"{type(e).__name__}: {e}"}
-            logger.warning("%s: canary %s %s: %s", self.s["app"], self.s["canary_ref"], verdict.state, verdict.reason)
-        self.verdict = verdict
-        self._export(verdict)
-        return self.status()
+            return
+        self.verdict = evaluate(list(self.samples), self.started, now, self.s["gate"])
+        self._export(self.verdict)
+        if self.verdict.state != WATCHING:
+            logger.warning("%s: canary %s %s: %s", self.s["app"], self.s["canary_ref"], self.verdict.state,
+                           self.verdict.reason)
+            self._moving = asyncio.get_running_loop().create_task(self._move(self.verdict))
+
+    async def _move(self, verdict: Verdict) -> None:
+        try:
+            self.move = await asyncio.to_thread(self._act, verdict)
+        except Exception as e:  # the traffic decision stands even if the registry refuses
+            logger.exception("canary gate could not move the alias")
+            self.move = {"error": f"{type(e).__name__}: {e}"}
 
     def _export(self, verdict: Verdict) -> None:
         """The verdict and its figures as gauges (dashboards, alerts on a rollback)."""

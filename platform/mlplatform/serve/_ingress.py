@@ -127,7 +127,7 @@ class Ingress:
         self._in_flight += 1
         version, served_by, code, role = self.s["version"], "none", 500, None
         try:
-            key_id = self._authenticate(request)
+            key_id = await self._authenticate(request)
             self.contract.check_length(request.headers.get("content-length"))
             x = self.contract.parse(await self._body(request))
             role = self._choose(key_id or request.headers.get("x-caller-id") or _client(request))
@@ -174,12 +174,12 @@ class Ingress:
 
     # --- pieces ---
 
-    def _authenticate(self, request: Request) -> str | None:
+    async def _authenticate(self, request: Request) -> str | None:
         if self.keys is None:
             return None
         auth = request.headers.get("authorization", "")
         presented = auth[7:].strip() if auth[:7].lower() == "bearer " else request.headers.get("x-api-key")
-        verdict, key_id = self.keys.check(presented)
+        verdict, key_id = await self.keys.check(presented)
         if verdict == KeyChecker.OK:
             return key_id
         if verdict == KeyChecker.FORBIDDEN:
@@ -226,14 +226,18 @@ class Ingress:
         if fallback is not None and self.running.get(role) == 0:
             return await self._fallback(x, "no_healthy_replica")
         try:
+            response = handle.remote(x)
             if fallback is None:
-                return await handle.remote(x), name, None
-            return await asyncio.wait_for(_await(handle.remote(x)), self.s["primary_timeout_s"]), name, None
+                return await response, name, None
+            return await asyncio.wait_for(_await(response), self.s["primary_timeout_s"]), name, None
         except BackPressureError:
             raise
         except asyncio.TimeoutError:
             if fallback is None:
                 raise
+            # Giving up on the awaiting task leaves the request running on the primary; under
+            # overload that replica would then work for nobody while the fallback does it again.
+            response.cancel()
             return await self._fallback(x, "primary_timeout")
         except Exception as e:
             if type(e).__name__ not in _UNAVAILABLE and not any(n in type(e).__name__ for n in _UNAVAILABLE):

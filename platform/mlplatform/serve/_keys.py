@@ -9,6 +9,7 @@ The app name inside the key lets an ingress tell "a valid key of another applica
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import hashlib
 import hmac
@@ -103,15 +104,20 @@ def list_keys(app: str, *, keys_dir: str | os.PathLike | None = None) -> list[Ke
 
 
 class KeyChecker:
-    """Checks presented keys against the key files; re-reads a file when it changes."""
+    """Checks presented keys against the key files; re-reads a file when it changes.
+
+    The cache holds only applications whose key file exists, so forged keys naming made-up
+    applications add nothing to it. Files are read in a worker thread: `check` runs in the
+    ingress's event loop, which a slow disk must not stall.
+    """
 
     OK, MISSING, INVALID, FORBIDDEN = "ok", "missing", "invalid", "forbidden"
 
     def __init__(self, app: str, keys_dir: str | os.PathLike, recheck_s: float = 1.0):
         self.app, self.dir, self.recheck_s = app, Path(keys_dir), recheck_s
-        self._cache: dict[str, tuple[float, float, dict[str, dict[str, Any]]]] = {}  # app → (checked, mtime, keys)
+        self._cache: dict[str, tuple[float, int, dict[str, dict[str, Any]]]] = {}  # app → (checked, mtime, keys)
 
-    def check(self, presented: str | None) -> tuple[str, str | None]:
+    async def check(self, presented: str | None) -> tuple[str, str | None]:
         """(verdict, key_id): OK, MISSING (no key), INVALID (unknown/revoked), FORBIDDEN (another app's key)."""
         if not presented:
             return self.MISSING, None
@@ -119,35 +125,45 @@ class KeyChecker:
         if len(parts) != 4 or parts[0] != _PREFIX or not _APP.match(parts[1]) or not _KEY_ID.match(parts[2]):
             return self.INVALID, None
         _, app, key_id, secret = parts
-        entry = self._keys(app).get(key_id)
-        if entry is None:  # a key created since the last read must work at once
-            entry = self._keys(app, fresh=True).get(key_id)
+        keys, from_cache = await self._keys(app)
+        if key_id not in keys and from_cache:  # a key created since the last read must work at once
+            keys, _ = await self._keys(app, fresh=True)
+        entry = keys.get(key_id)
         if entry is None or entry.get("revoked_at") or not hmac.compare_digest(
             entry["sha256"], _digest(entry["salt"], secret)
         ):
             return self.INVALID, None
         return (self.OK if app == self.app else self.FORBIDDEN), key_id
 
-    def _keys(self, app: str, fresh: bool = False) -> dict[str, dict[str, Any]]:
+    async def _keys(self, app: str, fresh: bool = False) -> tuple[dict[str, dict[str, Any]], bool]:
+        """(the app's keys by id, whether they came from the cache without touching the disk)."""
         now = time.monotonic()
         cached = self._cache.get(app)
         if cached and not fresh and now - cached[0] < self.recheck_s:
-            return cached[2]
+            return cached[2], True
+        loaded = await asyncio.to_thread(self._load, app, cached)
+        if loaded is None:  # no key file: no such application, nothing worth remembering
+            self._cache.pop(app, None)
+            return {}, False
+        self._cache[app] = (now, *loaded)
+        return loaded[1], False
+
+    def _load(
+        self, app: str, cached: tuple[float, int, dict[str, dict[str, Any]]] | None
+    ) -> tuple[int, dict[str, dict[str, Any]]] | None:
+        """(mtime, keys) of the app's key file, re-read only if it changed; None if there is none."""
         path = self.dir / f"{app}.json"
         try:
             mtime = path.stat().st_mtime_ns
         except OSError:
-            self._cache[app] = (now, -1, {})
-            return {}
+            return None
         if cached and cached[1] == mtime:
-            self._cache[app] = (now, mtime, cached[2])
-            return cached[2]
+            return mtime, cached[2]
         try:
             keys = {e["key_id"]: e for e in json.loads(path.read_text())["keys"]}
         except (OSError, ValueError, KeyError, TypeError):
             keys = {}  # unreadable file: refuse every key rather than crash the ingress
-        self._cache[app] = (now, mtime, keys)
-        return keys
+        return mtime, keys
 
 
 def _path(app: str, keys_dir: str | os.PathLike | None) -> Path:
