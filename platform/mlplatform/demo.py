@@ -46,13 +46,24 @@ def _stage_hello(name: str, state: dict) -> str:
 def _stage_train(name: str, state: dict) -> str:
     from mlplatform.train import read_metadata
 
-    logs = _job("python jobs/train.py --config jobs/configs/digits.yaml", name, tail=0)
+    # A run name of its own each time: the shipped name would resume its last checkpoint and
+    # train nothing on a second `make demo`.
+    run = f"digits-demo-{time.strftime('%Y%m%d-%H%M%S')}"
+    logs = _job(f"python jobs/train.py --config jobs/configs/digits.yaml --name {run}", name, tail=0)
     # Ray Data's progress lines interleave with the job's own; show the run's summary.
-    summary = [line for line in logs.splitlines() if line.startswith("digits-") or line.strip().startswith(("artifact ", "checkpoint "))]
+    summary = [line for line in logs.splitlines() if line.startswith(run) or line.strip().startswith(("artifact ", "checkpoint "))]
     print("\n".join(summary))
     state["artifact"] = next(line.split()[-1] for line in summary if line.strip().startswith("artifact "))
-    metrics = read_metadata(state["artifact"])["metrics"]
-    return f"ZeRO-2 bf16 on 2 CPU workers: val_accuracy {metrics['val_accuracy']:.4f}"
+    meta = read_metadata(state["artifact"])
+    training, engine = meta["training"], meta["training"]["engine"]
+    if training["resumed_from_step"] or not training["steps"]:
+        raise PlatformError(f"{run} trained {training['steps']} steps, resumed from {training['resumed_from_step']}: "
+                            "the demo must train from scratch")
+    return (
+        f"{training['steps']} steps from scratch, ZeRO-{training['zero_stage']} {training['precision']} on "
+        f"{len(engine)} CPU workers ({engine[0]['optimizer']}, as the DeepSpeed engines report); "
+        f"val_accuracy {meta['metrics']['val_accuracy']:.4f}"
+    )
 
 
 def _stage_register(name: str, state: dict) -> str:

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import uuid
 
 import pytest
 
@@ -27,11 +28,16 @@ def test_train_register_export_through_job_submit(three_region_cluster, tmp_path
     from mlplatform.export import ExportReport
     from mlplatform.train import load_model, read_metadata
 
-    out = submit(three_region_cluster, "jobs/train.py", "--config", "jobs/configs/digits.yaml")
+    # A fresh run name: the shipped one may hold a finished run, which would resume and train nothing.
+    run = f"digits-e2e-{uuid.uuid4().hex[:8]}"
+    out = submit(three_region_cluster, "jobs/train.py", "--config", "jobs/configs/digits.yaml", "--name", run)
     artifact = next(line.split()[-1] for line in out.splitlines() if line.strip().startswith("artifact "))
     metadata = read_metadata(artifact)
     assert metadata["metrics"]["val_accuracy"] >= 0.95
-    assert metadata["spec"]["zero_stage"] == 2 and metadata["spec"]["precision"] == "bf16"
+    training = metadata["training"]
+    assert (training["steps"], training["resumed_from_step"]) == (176, 0)  # trained every step, here
+    # What the two workers' DeepSpeed engines ran, as they reported it.
+    assert [(e["zero_stage"], e["bf16"], e["world_size"]) for e in training["engine"]] == [(2, True, 2)] * 2
     assert load_model(artifact) is not None
 
     root = str(tmp_path / "registry")

@@ -114,7 +114,10 @@ def test_auto_stage_picks_the_lowest_stage_that_fits():
     budget = int((need0 + need1) / 2 / 0.8)
     p = plan(spec, Hardware("cpu", "cpu", True, False, budget, "t"))
     assert p.zero_stage == 1 and p.deepspeed_config()["zero_optimization"]["stage"] == 1
-    assert need0 - need1 == pytest.approx(12 * psi - 12 * psi / 2, abs=2)
+    # bf16 AdamW on 2 workers, both peaking in the optimizer step: stage 0 holds 2 + 2 + 12 + 8
+    # bytes per parameter (params, grads kept, states, fp32 gradient copy + Adam's update);
+    # stage 1 frees the gradients and shards the rest: 2 + (12 + 8) / 2.
+    assert need0 - need1 == pytest.approx(24 * psi - 12 * psi, abs=4)
     # With room for everything, stage 0; with room for almost nothing, a PlanError naming fixes.
     assert plan(spec, Hardware("cpu", "cpu", True, False, 100 * GB, "t")).zero_stage == 0
     with pytest.raises(PlanError, match="num_workers.*micro_batch_size.*activation_checkpointing"):
@@ -157,7 +160,9 @@ def test_format_plan_lists_every_stage_and_marks_the_choice():
     text = format_plan(p)
     for label in ["ZeRO-0", "ZeRO-1", "ZeRO-2", "ZeRO-3", "offload_opt"]:
         assert label in text
-    assert "<- chosen" in text and p.zero_stage == 3
+    # 1.4 GB of a T4: no stage fits on the GPU alone once DeepSpeed's optimizer-step temporaries
+    # are counted, so auto offloads the optimizer.
+    assert "<- chosen" in text and (p.zero_stage, p.offload_optimizer, p.offload_params) == (2, True, False)
     assert f"{p.num_params:,}" in text
 
 

@@ -21,6 +21,7 @@ from ray import serve
 from mlplatform.errors import ModelNotDeployable, ServeError
 from mlplatform.export._pipeline import FP32_FILE, INT8_FILE
 from mlplatform.export._report import REPORT_FILE
+from mlplatform.serve._forward import TorchForward, run_batched
 from mlplatform.train import artifact
 
 logger = logging.getLogger("ray.serve")
@@ -111,29 +112,24 @@ class _Model:
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005, batch_size_fn=_rows)
     async def _batched(self, xs: list[np.ndarray]) -> list[dict[str, Any]]:
-        big = xs[0] if len(xs) == 1 else np.concatenate(xs)
         # Off the event loop (the model and the drift bins): requests arriving meanwhile queue
         # up into the next batch.
-        out, psi = await asyncio.to_thread(self._run_and_bin, big)
-        self._observe(big, psi)
-        parts, start = [], 0
-        for x in xs:
-            parts.append({"outputs": out[start : start + len(x)], "batch_rows": len(big), "task": self.task})
-            start += len(x)
-        return parts
+        outs, rows, psi = await asyncio.to_thread(self._run_and_bin, xs)
+        self._observe(rows, psi)
+        return [{"outputs": out, "batch_rows": rows, "task": self.task} for out in outs]
 
-    def _run_and_bin(self, big: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        out = self._run(big)
+    def _run_and_bin(self, xs: list[np.ndarray]) -> tuple[list[np.ndarray], int, np.ndarray | None]:
+        outs, big = run_batched(self._run, xs)
         if self._drift is None or big.ndim != 2 or big.shape[1] != len(self.features):
-            return out, None
-        return out, self._drift.observe(big)  # PSI per feature when a window completes, else None
+            return outs, len(big), None
+        return outs, len(big), self._drift.observe(big)  # PSI per feature when a window completes, else None
 
-    def _observe(self, big: np.ndarray, psi: np.ndarray | None) -> None:
+    def _observe(self, rows: int, psi: np.ndarray | None) -> None:
         from mlplatform.serve._metrics import metrics
 
         m = metrics()
-        m["batch_rows"].observe(len(big), tags=self._tags)
-        m["rows"].inc(len(big), tags=self._tags)
+        m["batch_rows"].observe(rows, tags=self._tags)
+        m["rows"].inc(rows, tags=self._tags)
         if psi is not None:
             tags = {"app": self.s["app"], "version": self.s["ref"]}
             for name, value in zip(self.features, psi):
@@ -181,36 +177,16 @@ class TorchGpuModel(_Model):
 
     def __init__(self, settings: dict[str, Any]):
         super().__init__(settings)
-        import torch
-
-        want = settings.get("device", "auto")
-        if want == "cuda" and not torch.cuda.is_available():
-            raise ServeError(
-                f"`{settings['role']}.device` is cuda but this replica sees no CUDA device; place it on a GPU "
-                f"node group (label_selector) with num_gpus > 0, or set device: cpu for a CPU stand-in."
-            )
-        self.device = torch.device("cuda" if want != "cpu" and torch.cuda.is_available() else "cpu")
-        self.dtype = getattr(torch, settings.get("dtype", "bfloat16"))
-        if self.device.type == "cpu":
-            torch.set_num_threads(max(1, int(settings["num_cpus"])))
-        self.model = artifact.load_model(self.dir).to(self.device, self.dtype).eval()
+        self.forward = TorchForward(self.dir, settings)
+        self.device = self.forward.device
 
     def _run(self, x: np.ndarray) -> np.ndarray:
-        import torch
-
-        with torch.inference_mode():
-            t = torch.from_numpy(np.ascontiguousarray(x)).to(self.device, non_blocking=True)
-            t = t.to(self.dtype) if t.is_floating_point() else t
-            return self.model(t).float().cpu().numpy()
+        return self.forward(x)
 
     def check_health(self) -> None:
-        # A GPU that fell off the bus (or a spot node being reclaimed) fails here, and Serve
-        # replaces the replica; meanwhile the router sends traffic to the fallback.
-        if self.device.type == "cuda":
-            import torch
-
-            torch.ones(1, device=self.device).add_(1)
-            torch.cuda.synchronize(self.device)
+        # Failing here makes Serve replace the replica; meanwhile the router sends traffic
+        # to the fallback.
+        self.forward.check_health()
 
 
 def model_class(variant: str) -> type[_Model]:

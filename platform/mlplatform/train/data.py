@@ -150,6 +150,12 @@ def encode_text(text: str) -> list[int]:
     return list(text.encode("utf-8"))
 
 
+def to_arrays(spec: TrainSpec, columns: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Raw columns (as read from Parquet) → the (x, y) arrays a worker trains on."""
+    out = _Preprocess(spec)(columns)
+    return out["x"], out["y"]
+
+
 class _Preprocess:
     """Raw Parquet columns → model inputs: `x` (float32 features or int64 tokens) and `y`."""
 

@@ -13,6 +13,17 @@ fp32 Adam: p = g = 4, K = 8.
 `offload_optimizer` moves the K part to host memory, `offload_params` (stage 3) the p
 part. The activation estimate of one micro batch (models.activation_bytes) is added.
 
+Measured on an H100 (tests/benchmarks/gpu_check.py, BENCHMARKS.md), DeepSpeed 0.19's peak
+is not in backward but in the optimizer step, which the paper's formula leaves out: the
+16-bit gradient partition is cast to an fp32 copy (4 bytes per parameter of the optimizer's
+partition) and Adam's update allocates one more fp32 temporary (4 bytes); stages 1 and 2
+free the 16-bit gradients before the step, stages 0 and 3 keep them, and ZeRO-3 holds a
+16-bit reduce bucket of `reduce_bucket_size` elements throughout. So the device peak is
+
+    buffers + params + optimizer + max(grads + activations, grads kept + step temporaries)
+
+With optimizer offload the step runs on the host and only the backward term applies.
+
 `auto` precision: bf16 where the hardware has it, fp16 with dynamic loss scaling on GPUs
 without bf16, fp32 otherwise. `auto` stage: the lowest stage whose estimate fits the
 per-worker memory budget; on GPUs, if none fits, optimizer then parameter offload.
@@ -46,6 +57,8 @@ ACCELERATORS: dict[str, tuple[float, bool]] = {
 # Share of the memory budget the estimate may use: allocator fragmentation, CUDA context,
 # communication buckets and the framework itself need the rest.
 HEADROOM = 0.8
+# DeepSpeed's reduce bucket, in elements (the config below sets it; ZeRO-3 allocates it up front).
+REDUCE_BUCKET = int(5e7)
 
 
 @dataclass(frozen=True)
@@ -72,11 +85,16 @@ class StageEstimate:
     optimizer: int
     host: int  # offloaded states, in host memory
     activations: int
+    step: int = 0  # optimizer-step temporaries on the device: fp32 gradient copy, Adam's update
+    grads_at_step: int = 0  # 16-bit gradients still held during the step
+    buffers: int = 0  # DeepSpeed's own persistent buffers (the ZeRO-3 reduce bucket)
 
     @property
     def device(self) -> int:
-        """Bytes on the training device: model states not offloaded plus activations."""
-        return self.params + self.grads + self.optimizer + self.activations
+        """Peak bytes on the training device: the larger of backward and optimizer step."""
+        backward = self.grads + self.activations
+        step = self.grads_at_step + self.step
+        return self.buffers + self.params + self.optimizer + max(backward, step)
 
     @property
     def model_states(self) -> int:
@@ -143,6 +161,24 @@ def model_state_bytes(
     return round(params), round(grads), round(opt), round(host)
 
 
+def step_bytes(
+    num_params: int, stage: int, num_workers: int, precision: Precision, optimizer: str, offload_optimizer: bool,
+    grads: int,
+) -> tuple[int, int]:
+    """(temporaries, 16-bit gradients kept) on the device during DeepSpeed's optimizer step.
+
+    Temporaries, per parameter of this worker's optimizer partition: the fp32 copy of the
+    16-bit gradients (mixed precision) and Adam's fp32 update buffer. Nothing when the step
+    runs on the host (optimizer offload).
+    """
+    if offload_optimizer:
+        return 0, 0
+    mixed = precision in (Precision.BF16, Precision.FP16)
+    per_param = (4 if mixed else 0) + (4 if optimizer in ("adam", "adamw") else 0)
+    shard = num_workers if stage > 0 else 1
+    return round(per_param * num_params / shard), (0 if stage in (1, 2) else grads)
+
+
 def detect_hardware(spec: TrainSpec) -> Hardware:
     """What the planner assumes a worker has: from the spec, else this machine."""
     if spec.use_gpu:
@@ -183,12 +219,12 @@ def plan(spec: TrainSpec, hardware: Hardware | None = None) -> Plan:
     hw = hardware or detect_hardware(spec)
     notes: list[str] = [f"memory budget per worker {hw.memory_bytes / GB:.1f} GB ({hw.source})"]
     precision = _precision(spec, hw, notes)
-    num_params = models.count_params(spec.model.ref, spec.model.kwargs)
-    act_b = 4 if precision == Precision.FP32 else 2
-    micro = spec.micro_batch_size
     kwargs = dict(spec.model.kwargs)
     if spec.task == Task.CAUSAL_LM:
-        kwargs.setdefault("seq_len", spec.dataset.seq_len)
+        kwargs.setdefault("seq_len", spec.dataset.seq_len)  # as the model is built (position table)
+    num_params = models.count_params(spec.model.ref, kwargs)
+    act_b = 4 if precision == Precision.FP32 else 2
+    micro = spec.micro_batch_size
     acts = models.activation_bytes(spec.model.ref, kwargs, micro, act_b, spec.activation_checkpointing)
     if acts is None:
         notes.append("activation memory of an imported model is not estimated (counted as 0)")
@@ -198,7 +234,9 @@ def plan(spec: TrainSpec, hardware: Hardware | None = None) -> Plan:
         p, g, o, h = model_state_bytes(
             num_params, stage, spec.num_workers, precision, spec.optimizer.name, oo, op, spec.optimizer.momentum
         )
-        return StageEstimate(stage, oo, op, p, g, o, h, acts)
+        step, kept = step_bytes(num_params, stage, spec.num_workers, precision, spec.optimizer.name, oo, g)
+        bucket = min(REDUCE_BUCKET, num_params) * (4 if precision == Precision.FP32 else 2) if stage == 3 else 0
+        return StageEstimate(stage, oo, op, p, g, o, h, acts, step, kept, bucket)
 
     oo, op = spec.offload_optimizer, spec.offload_params
     table = [estimate(s, oo and s > 0, op and s == 3) for s in range(4)]
@@ -262,14 +300,15 @@ def format_plan(p: Plan) -> str:
     unit, div = ("GB", GB) if big >= GB else ("MB", 10**6)
     lines += [
         "",
-        f"  Estimated memory per worker ({unit}; model states per the ZeRO paper + activations of one micro batch):",
-        f"    {'config':<32}{'params':>9}{'grads':>9}{'optim':>9}{'activ':>9}{'device':>9}{'host':>9}",
+        f"  Estimated peak memory per worker ({unit}; model states per the ZeRO paper, activations of one micro "
+        "batch, DeepSpeed's optimizer-step temporaries and buffers):",
+        f"    {'config':<32}{'params':>9}{'grads':>9}{'optim':>9}{'activ':>9}{'step':>9}{'device':>9}{'host':>9}",
     ]
     for e in p.estimates:
         mark = "  <- chosen" if e == p.chosen else ""
         lines.append(
             f"    {e.label:<32}{e.params / div:>9.3f}{e.grads / div:>9.3f}{e.optimizer / div:>9.3f}"
-            f"{e.activations / div:>9.3f}{e.device / div:>9.3f}{e.host / div:>9.3f}{mark}"
+            f"{e.activations / div:>9.3f}{e.step / div:>9.3f}{e.device / div:>9.3f}{e.host / div:>9.3f}{mark}"
         )
     lines += ["", *(f"  note: {n}" for n in p.notes)]
     return "\n".join(lines)
@@ -302,7 +341,7 @@ def _deepspeed_config(spec: TrainSpec, precision: Precision, e: StageEstimate) -
     opt = spec.optimizer
     zero: dict[str, Any] = {"stage": e.stage}
     if e.stage > 0:
-        zero.update(contiguous_gradients=True, overlap_comm=spec.use_gpu, reduce_bucket_size=int(5e7))
+        zero.update(contiguous_gradients=True, overlap_comm=spec.use_gpu, reduce_bucket_size=REDUCE_BUCKET)
     if e.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
     if e.offload_params:

@@ -3,8 +3,8 @@
 Storage: checkpoints go to <storage_path>/<name>/checkpoint_step*/ and the artifact to
 <storage_path>/<name>/artifact/. Every node must see the same storage path: on one
 machine a local directory does; across machines use NFS or a URI (s3://, gs://).
-Submitting the same spec again resumes from its latest checkpoint (Ray Train restores
-a run by storage path and name); pick a new `name` for a fresh run.
+Submitting the same spec again resumes from its newest complete checkpoint (the result
+and the artifact say from which step); pick a new `name` for a fresh run.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any
 from mlplatform.errors import PreflightError, TrainingFailed
 from mlplatform.train import artifact as _artifact
 from mlplatform.train import data as _data
-from mlplatform.train.loop import FAULT_ENV, train_loop_per_worker
+from mlplatform.train.loop import train_loop_per_worker
 from mlplatform.train.plan import Plan, plan
 from mlplatform.train.preflight import preflight, storage_filesystem
 from mlplatform.train.spec import Task, TrainSpec
@@ -33,14 +33,22 @@ class TrainResult:
     metrics: dict[str, Any] = field(hash=False)
     checkpoint_path: str | None
     steps: int
-    zero_stage: int
-    precision: str
+    resumed_from_step: int  # 0: trained from scratch; else the checkpoint step the last attempt started at
+    zero_stage: int  # as the DeepSpeed engine reported it
+    precision: str  # as the DeepSpeed engine reported it
+    engine: list[dict[str, Any]] = field(hash=False)  # per rank: engine.facts()
+
+    @property
+    def steps_trained(self) -> int:
+        """Optimizer steps the last attempt ran (all of them unless it resumed)."""
+        return self.steps - self.resumed_from_step
 
     def summary(self) -> str:
         keys = [k for k in ("val_accuracy", "val_rmse", "val_perplexity", "val_loss") if k in self.metrics]
         shown = ", ".join(f"{k} {self.metrics[k]:.4f}" for k in keys)
+        resumed = f" (resumed from the step-{self.resumed_from_step} checkpoint)" if self.resumed_from_step else ""
         return (
-            f"{self.name}: {self.steps} steps, ZeRO-{self.zero_stage} {self.precision}; {shown}\n"
+            f"{self.name}: {self.steps} steps{resumed}, ZeRO-{self.zero_stage} {self.precision}; {shown}\n"
             f"  artifact    {self.artifact_dir}\n  checkpoint  {self.checkpoint_path}"
         )
 
@@ -87,16 +95,18 @@ def train(spec: TrainSpec) -> TrainResult:
                 "before its final step. Submit the same spec again to resume."
             )
         artifact_dir = _write_artifact(spec, the_plan, paths, fingerprint, datasets, str(weights), metrics, root)
-    final = _artifact.read_metadata(artifact_dir)["metrics"]
+    meta = _artifact.read_metadata(artifact_dir)
     clock.done("artifact")
     return TrainResult(
         name=spec.name,
         artifact_dir=artifact_dir,
-        metrics=final,
+        metrics=meta["metrics"],
         checkpoint_path=result.checkpoint.path,
         steps=int(metrics.get("step", 0)),
-        zero_stage=the_plan.zero_stage,
-        precision=the_plan.precision.value,
+        resumed_from_step=meta["training"]["resumed_from_step"],
+        zero_stage=meta["training"]["zero_stage"],
+        precision=meta["training"]["precision"],
+        engine=meta["training"]["engine"],
     )
 
 
@@ -106,15 +116,12 @@ def _fit(spec: TrainSpec, the_plan: Plan, datasets):
 
     storage = spec.storage_path if "://" in spec.storage_path else str(Path(spec.storage_path).expanduser().absolute())
     run_dir = storage_filesystem(spec.storage_path)[1].rstrip("/") + "/" + spec.name
-    fault = os.environ.get(FAULT_ENV)
     loop_config = {
         "spec": spec.model_dump(mode="json"),
         "deepspeed": the_plan.deepspeed_config(),
         "precision": the_plan.precision.value,
         # Rank 0 appends "step pid unix_time" per optimizer step: an audit of what each attempt ran.
         "step_log": None if "://" in spec.storage_path else f"{run_dir}/steps.log",
-        "run_dir": None if "://" in spec.storage_path else run_dir,
-        "fault": fault,
     }
     selector = spec.placement.selector()
     resources = dict(spec.resources_per_worker)
@@ -153,6 +160,7 @@ def _fit(spec: TrainSpec, the_plan: Plan, datasets):
 def _write_artifact(spec, the_plan, paths, fingerprint, datasets, weights, train_metrics, root) -> str:
     import numpy as np
 
+    engine = train_metrics["engine"]
     model_kwargs = dict(spec.model.kwargs)
     if spec.model.ref == "builtin:gpt":
         model_kwargs.setdefault("seq_len", spec.dataset.seq_len)
@@ -181,10 +189,13 @@ def _write_artifact(spec, the_plan, paths, fingerprint, datasets, weights, train
         "input_signature": signature,
         "output_signature": output,
         "training": {
-            "zero_stage": the_plan.zero_stage,
-            "precision": the_plan.precision.value,
+            # From the DeepSpeed engines, as the workers reported them at the last checkpoint.
+            "zero_stage": engine[0]["zero_stage"],
+            "precision": "bf16" if engine[0]["bf16"] else "fp16" if engine[0]["fp16"] else "fp32",
+            "engine": engine,
             "num_workers": spec.num_workers,
             "steps": train_metrics.get("step"),
+            "resumed_from_step": train_metrics.get("resumed_from_step", 0),
             "num_params": the_plan.num_params,
         },
         "ray_job_id": os.environ.get("RAY_JOB_SUBMISSION_ID") or _ray_job_id(),
