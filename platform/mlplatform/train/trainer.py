@@ -17,6 +17,7 @@ from typing import Any
 
 from mlplatform.errors import PreflightError, TrainingFailed
 from mlplatform.train import artifact as _artifact
+from mlplatform.train import checkpoints
 from mlplatform.train import data as _data
 from mlplatform.train.loop import train_loop_per_worker
 from mlplatform.train.plan import Plan, plan
@@ -85,13 +86,19 @@ def train(spec: TrainSpec) -> TrainResult:
     clock.done("training")
 
     metrics = dict(result.metrics or {})
-    if result.checkpoint is None:
+    # The newest complete checkpoint on storage, as the workers resume from: a run resumed at
+    # its final checkpoint reports nothing new, so Ray Train's latest may be an older one.
+    from ray.train import Checkpoint
+
+    newest = checkpoints.newest_complete(fs, f"{root.rstrip('/')}/{spec.name}")
+    final = Checkpoint(newest.path, filesystem=fs) if newest else result.checkpoint
+    if final is None:
         raise TrainingFailed(f"{spec.name}: the run ended without a checkpoint; see the job logs.")
-    with result.checkpoint.as_directory() as ckpt_dir:
+    with final.as_directory() as ckpt_dir:
         weights = Path(ckpt_dir) / _artifact.WEIGHTS
         if not weights.is_file():
             raise TrainingFailed(
-                f"{spec.name}: the last checkpoint ({result.checkpoint.path}) has no {_artifact.WEIGHTS}; the run stopped "
+                f"{spec.name}: the last checkpoint ({final.path}) has no {_artifact.WEIGHTS}; the run stopped "
                 "before its final step. Submit the same spec again to resume."
             )
         artifact_dir = _write_artifact(spec, the_plan, paths, fingerprint, datasets, str(weights), metrics, root)
@@ -101,8 +108,8 @@ def train(spec: TrainSpec) -> TrainResult:
         name=spec.name,
         artifact_dir=artifact_dir,
         metrics=meta["metrics"],
-        checkpoint_path=result.checkpoint.path,
-        steps=int(metrics.get("step", 0)),
+        checkpoint_path=final.path,
+        steps=newest.step if newest else int(metrics.get("step", 0)),
         resumed_from_step=meta["training"]["resumed_from_step"],
         zero_stage=meta["training"]["zero_stage"],
         precision=meta["training"]["precision"],
