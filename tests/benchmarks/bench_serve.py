@@ -14,6 +14,18 @@ model in a temp registry, and deploys side by side on one Serve instance, per mo
   bare-int8     the same plain deployment running the same INT8 ONNX file through ONNX Runtime
   noop          (once) a plain deployment that returns a constant: Serve's own HTTP cost
 
+`platform` differs from serve_apps/digits-cpu.yaml in these ways, each on purpose:
+  - one fixed replica (the yaml autoscales 1-3 replicas with the throughput preset): the bare
+    deployments have one, and on 2 cores more replicas would only compete with the client;
+  - the model: random weights of each model's shape, registered with a hand-built ONNX export
+    and report (tests/serve_models.py), not the trained, export-gated digits@production: an
+    MLP's latency does not depend on its weights' values, and the gate is not measured here;
+  - placement on the one-node cluster's head group, not `ray.io/node-group: cpu`;
+  - Serve's default max_ongoing_requests / max_queued_requests (the yaml: 64 / 128);
+    limits.max_rows equal to the batch size (32, as the yaml);
+  - each app under its own route prefix on a free port (the yaml: `/` on port 8000); the
+    proxy is HeadOnly as in the yaml.
+
 Every model replica gets num_cpus 1 and one compute thread (torch and ONNX Runtime alike).
 Load comes from a separate client process (aiohttp, keep-alive, closed loop: `concurrency`
 requests always in flight, one row each). One model's apps are deployed at a time (idle

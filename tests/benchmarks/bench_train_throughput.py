@@ -11,7 +11,10 @@ WARMUP steps. Two ratios are printed:
   overall  every step after warm-up to the last, with the platform's per-epoch evaluation
            and reports inside the window (the DDP script has neither: a conservative ratio).
 
-    python tests/benchmarks/bench_train_throughput.py        # ~3 min on 2 cores
+The two run in interleaved rounds, alternating which goes first (machines drift); each
+round gives a ratio, and the median and the spread over the rounds are printed.
+
+    python tests/benchmarks/bench_train_throughput.py [--rounds 3]   # ~3 min a round on 2 cores
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -79,7 +83,7 @@ def run_ddp(workdir: str) -> dict:
     return json.loads(Path(out).read_text())
 
 
-def run_platform(workdir: str) -> dict:
+def run_platform(workdir: str, name: str) -> dict:
     import ray
 
     from mlplatform import config
@@ -87,7 +91,7 @@ def run_platform(workdir: str) -> dict:
 
     spec = config.validate(
         {
-            "name": "bench-throughput",
+            "name": name,  # one per round: a run name used before would resume, not train
             "model": {"ref": "builtin:gpt"},
             "dataset": {"path": "builtin:tiny_corpus", "seq_len": SEQ},
             "task": "causal_lm",
@@ -136,18 +140,29 @@ def rates(run: dict) -> tuple[float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ddp-worker", metavar="OUT", help=argparse.SUPPRESS)
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved DDP/platform rounds (at least 3)")
     args = parser.parse_args()
     if args.ddp_worker:
         return ddp_main(args.ddp_worker)
+    if args.rounds < 3:
+        parser.error(f"got {args.rounds} for --rounds; a median and a spread need at least 3")
     started = time.time()
-    with tempfile.TemporaryDirectory(prefix="bench-train-") as workdir:
-        ddp = run_ddp(workdir)
-        platform = run_platform(workdir)
-    (d_steady, d_overall), (p_steady, p_overall) = rates(ddp), rates(platform)
-    print(f"GPT ~1M params, micro batch {MICRO} × seq {SEQ}, 2 workers × 1 thread, fp32, {STEPS} steps, warm-up {WARMUP}")
-    print(f"  torchrun DDP   steady {d_steady:8.1f} samples/s   overall {d_overall:8.1f} samples/s")
-    print(f"  platform path  steady {p_steady:8.1f} samples/s   overall {p_overall:8.1f} samples/s")
-    print(f"RATIO platform/DDP steady {p_steady / d_steady:.3f}  overall {p_overall / d_overall:.3f} (goal >= 0.97)")
+    rounds = []
+    for r in range(args.rounds):
+        with tempfile.TemporaryDirectory(prefix="bench-train-") as workdir:
+            order = ("ddp", "platform") if r % 2 == 0 else ("platform", "ddp")
+            runs = {k: run_ddp(workdir) if k == "ddp" else run_platform(workdir, f"bench-throughput-{r}") for k in order}
+        (d_steady, d_overall), (p_steady, p_overall) = rates(runs["ddp"]), rates(runs["platform"])
+        rounds.append((p_steady / d_steady, p_overall / d_overall, d_steady, p_steady))
+        print(f"round {r + 1} ({' then '.join(order)}): DDP steady {d_steady:.1f}, platform steady {p_steady:.1f} "
+              f"samples/s; ratio steady {rounds[-1][0]:.3f} overall {rounds[-1][1]:.3f}", flush=True)
+    steady, overall = [x[0] for x in rounds], [x[1] for x in rounds]
+    print(f"GPT ~1M params, micro batch {MICRO} × seq {SEQ}, 2 workers × 1 thread, fp32, {STEPS} steps, warm-up {WARMUP}, "
+          f"{args.rounds} interleaved rounds")
+    print(f"  torchrun DDP   steady median {statistics.median(x[2] for x in rounds):8.1f} samples/s")
+    print(f"  platform path  steady median {statistics.median(x[3] for x in rounds):8.1f} samples/s")
+    print(f"RATIO platform/DDP steady median {statistics.median(steady):.3f} (spread {min(steady):.3f}-{max(steady):.3f})  "
+          f"overall median {statistics.median(overall):.3f} (spread {min(overall):.3f}-{max(overall):.3f}) (goal >= 0.97)")
     print(f"({time.time() - started:.0f} s)")
 
 
