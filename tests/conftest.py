@@ -59,6 +59,25 @@ def three_region_cluster() -> Iterator["LocalCluster"]:  # noqa: F821
         cluster.down(spec.name)
 
 
+@pytest.fixture(scope="session")
+def trained_digits(three_region_cluster, tmp_path_factory) -> Path:
+    """A digits artifact trained once per session by mlplatform.train on the cluster (the shipped
+    config, 2 epochs to keep it cheap), for tests that need what real training writes."""
+    import ray
+
+    from mlplatform import config
+    from mlplatform.cluster import connect
+    from mlplatform.train import TrainSpec, train
+
+    spec = config.load(REPO / "jobs/configs/digits.yaml", TrainSpec)
+    spec = spec.model_copy(update={"epochs": 2, "storage_path": str(tmp_path_factory.mktemp("trained-digits"))})
+    connect(three_region_cluster.name)
+    try:
+        return Path(train(spec).artifact_dir)
+    finally:
+        ray.shutdown()
+
+
 @pytest.fixture
 def ray_on_three_region(three_region_cluster) -> Iterator["LocalCluster"]:  # noqa: F821
     """This test process connected (ray.init) to the three-region cluster."""

@@ -8,8 +8,13 @@ prints a report and the dashboard URL, and stops what it started.
 from __future__ import annotations
 
 import argparse
+import json
+import statistics
 import sys
+import threading
 import time
+import urllib.error
+import urllib.request
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -40,7 +45,12 @@ def _job(entrypoint: str, name: str, tail: int = 25) -> str:
 
 def _stage_hello(name: str, state: dict) -> str:
     logs = _job("python jobs/hello.py", name, tail=6)
-    return f"{logs.count('task for group')} node groups answered"
+    results = json.loads(next(line for line in logs.splitlines() if line.startswith("HELLO_RESULT "))[len("HELLO_RESULT "):])
+    groups = {n.group for n in cluster.inventory(name) if n.alive and n.group}
+    landed = {r["asked_for_group"]: r["labels"].get("ray.io/node-group") for r in results}
+    if set(landed) != groups or any(asked != got for asked, got in landed.items()):
+        raise PlatformError(f"hello tasks landed on {landed}; the cluster's node groups are {sorted(groups)}")
+    return f"{len(landed)} node groups answered, each task on a node of its group ({', '.join(sorted(landed))})"
 
 
 def _stage_train(name: str, state: dict) -> str:
@@ -71,52 +81,171 @@ def _stage_register(name: str, state: dict) -> str:
 
     version = registry.register(state["artifact"], MODEL, root=REGISTRY)
     state["trained"] = version.ref
-    print(f"registered {version.ref}: {len(version.files)} files, sha256 of each recorded, under {REGISTRY}")
-    return version.ref
+    integrity = registry.verify(version.ref, root=REGISTRY)
+    if not integrity.ok:
+        raise PlatformError(f"{version.ref} failed its integrity check right after registering: {integrity}")
+    print(f"registered {version.ref} under {REGISTRY}: {integrity.files_checked} files, sha256 of each verified")
+    return f"{version.ref}: {integrity.files_checked} files, sha256 of each verified on read-back"
 
 
 def _stage_export(name: str, state: dict) -> str:
+    import tempfile
+
     from mlplatform import registry
+    from mlplatform.export import ExportReport
 
     _job(
         f"python jobs/export.py --model {state['trained']} --config jobs/configs/export-digits.yaml --root {REGISTRY}",
         name, tail=30,
     )
     exported = registry.resolve(f"{MODEL}@latest", root=REGISTRY)
-    move = registry.set_alias(MODEL, "production", exported.version, root=REGISTRY, reason="demo: export gates passed")
-    report = registry.verify(exported.ref, root=REGISTRY)
-    print(f"{move.alias} -> {exported.ref}; integrity: {report.files_checked} files verified")
-    return f"{exported.ref} (ONNX FP32 + INT8, gated) is {MODEL}@production"
+    if exported.lineage.extra.get("exported_from") != state["trained"]:
+        raise PlatformError(f"{exported.ref} was not exported from {state['trained']}: lineage {exported.lineage.extra}")
+    # The gate verdict as the export stored it with the version, read back before any alias moves.
+    with tempfile.TemporaryDirectory() as tmp:
+        registry.fetch(exported.ref, tmp, root=REGISTRY)
+        report = ExportReport.from_json(json.loads((Path(tmp) / "export_report.json").read_text()))
+    int8 = report.variant("onnx_int8")
+    print(f"{exported.ref} onnx_int8 gate: " + "; ".join(c.describe() for c in int8.checks))
+    if not int8.deployable:
+        raise PlatformError(f"{exported.ref}'s INT8 variant failed its export gate ({'; '.join(int8.failures())}); "
+                            f"{MODEL}@production was not moved.")
+    registry.set_alias(MODEL, "production", exported.version, root=REGISTRY, reason="demo: INT8 export gate passed")
+    production = registry.resolve(f"{MODEL}@production", root=REGISTRY)
+    integrity = registry.verify(production.ref, root=REGISTRY)
+    if production.version != exported.version or not integrity.ok:
+        raise PlatformError(f"{MODEL}@production is {production.ref} (integrity ok: {integrity.ok}); expected {exported.ref}")
+    print(f"{MODEL}@production -> {production.ref}; integrity: {integrity.files_checked} files verified")
+    gate = ", ".join(c.describe().removesuffix(" required").removesuffix(" allowed") for c in int8.checks)
+    return (f"INT8 gate passed ({gate}, export_report.json); "
+            f"{MODEL}@production -> {production.ref}, {integrity.files_checked} files verified")
 
 
 def _stage_serve(name: str, state: dict) -> str:
-    import ray
     import yaml
-    from ray.util.state import list_actors
-
-    from mlplatform import cluster, serve
-    from mlplatform.serve._traffic import send
     from sklearn.datasets import load_digits
+
+    from mlplatform import serve
 
     config = yaml.safe_load((REPO / SERVE_APP).read_text())
     app = config["applications"][0]["name"]
+    primary = config["applications"][0]["args"]["primary"]
     url = f"http://{config['http_options']['host']}:{config['http_options']['port']}/v1/predict"
     serve.deploy(REPO / SERVE_APP, cluster=name)
-    _wait_running(app, name)
-    key = serve.create_key(app, label="make demo").key
-    rows = (load_digits().data[:200] / 16.0).tolist()  # the same 0..1 scaling training used
-    stats = send(url, key, rows, requests=600, concurrency=16)
-    print(stats.summary())
-    cluster.connect(name)
+    try:
+        _wait_running(app, name)
+        key = serve.create_key(app, label="make demo").key
+        digits = load_digits()
+        rows, labels = (digits.data / 16.0).tolist(), digits.target.tolist()  # the 0..1 scaling training used
+        load = _Load(url, key, rows, labels)
+        replicas = load.run(app, primary["autoscaling"]["max_replicas"], SCALE_TIMEOUT_S)
+        print(load.summary())
+        print(f"RUNNING replicas of {app} while loaded (serve status, every {POLL_S:.0f}s): {replicas}")
+        placement = _replica_groups(app)
+        print(f"replica node groups (state API): {placement}")
+    finally:
+        serve.delete(app, cluster=name)
+    if load.failed or load.completed < 2:
+        raise PlatformError(f"serving: {load.completed} completed, failures {dict(load.failed)}; expected no failures")
+    if max(replicas) <= replicas[0]:
+        raise PlatformError(f"{app} stayed at {replicas[0]} replicas under {CALLERS} callers for {SCALE_TIMEOUT_S:.0f}s")
+    pinned = primary["label_selector"]["ray.io/node-group"]
+    if set(placement) != {pinned}:
+        raise PlatformError(f"{app}'s replicas ran on node groups {placement}; the spec pins them to {pinned!r}")
+    return (
+        f"{load.completed} requests completed, 0 failed, {load.completed / load.seconds:.0f} req/s, "
+        f"p50 {load.percentile(50):.1f} ms, p99 {load.percentile(99):.1f} ms, accuracy {load.correct / load.completed:.3f}; "
+        f"autoscaled {replicas[0]} -> {max(replicas)} replicas under {CALLERS} callers, all on the {pinned} group"
+    )
+
+
+# Closed-loop callers for the serve stage: the shipped throughput preset aims at 16 ongoing requests
+# per replica, so 48 keep the load above target until max_replicas (3) is reached.
+CALLERS = 48
+SCALE_TIMEOUT_S = 150.0
+POLL_S = 2.0
+
+
+class _Load:
+    """Callers that POST one row each until told to stop, counting what completed and what failed."""
+
+    def __init__(self, url: str, key: str, rows: list[list[float]], labels: list[int]):
+        self.url, self.key, self.rows, self.labels = url, key, rows, labels
+        self.completed = self.correct = 0
+        self.failed: Counter[str] = Counter()  # by kind: "HTTP 503", "ConnectionRefusedError", ...
+        self.latencies_ms: list[float] = []
+        self.seconds = 0.0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+
+    def run(self, app: str, want_replicas: int, timeout_s: float) -> list[int]:
+        """Load `app` until it runs `want_replicas` replicas or `timeout_s` passes; returns the counts polled."""
+        threads = [threading.Thread(target=self._caller, args=(i,), daemon=True) for i in range(CALLERS)]
+        start = time.monotonic()
+        seen = [_replicas(app)]
+        for t in threads:
+            t.start()
+        try:
+            while seen[-1] < want_replicas and time.monotonic() - start < timeout_s:
+                time.sleep(POLL_S)
+                seen.append(_replicas(app))
+        finally:
+            self._stop.set()
+            for t in threads:
+                t.join()
+            self.seconds = time.monotonic() - start
+        return seen
+
+    def _caller(self, i: int) -> None:
+        n = i
+        while not self._stop.is_set():
+            row = n % len(self.rows)
+            n += CALLERS
+            request = urllib.request.Request(
+                self.url, data=json.dumps({"inputs": [self.rows[row]]}).encode(),
+                headers={"Authorization": f"Bearer {self.key}", "Content-Type": "application/json"},
+            )
+            t0 = time.perf_counter()
+            try:
+                with urllib.request.urlopen(request, timeout=30) as response:
+                    outputs = json.loads(response.read())["outputs"][0]
+            except urllib.error.HTTPError as e:
+                kind = f"HTTP {e.code}"
+            except Exception as e:  # noqa: BLE001 - every failure is counted by kind and fails the stage
+                kind = type(e).__name__
+            else:
+                kind = None
+            elapsed = (time.perf_counter() - t0) * 1000
+            with self._lock:
+                if kind:
+                    self.failed[kind] += 1
+                else:
+                    self.completed += 1
+                    self.correct += outputs.index(max(outputs)) == self.labels[row]
+                    self.latencies_ms.append(elapsed)
+
+    def percentile(self, q: float) -> float:
+        return statistics.quantiles(self.latencies_ms, n=100, method="inclusive")[int(q) - 1]
+
+    def summary(self) -> str:
+        return f"{self.completed} completed, failures {dict(self.failed) or 'none'} in {self.seconds:.1f}s"
+
+
+def _replicas(app: str) -> int:
+    """RUNNING replicas of `app`'s deployments, as Serve's controller reports them."""
+    from ray import serve
+
+    deployments = serve.status().applications[app].deployments.values()
+    return sum(n for d in deployments for state, n in d.replica_states.items() if str(getattr(state, "value", state)) == "RUNNING")
+
+
+def _replica_groups(app: str) -> dict[str, int]:
+    """Alive replica actors of `app` per node group, from Ray's state API."""
+    from ray.util.state import list_actors
+
     groups = {n.node_id: n.group for n in cluster.inventory()}
-    replicas = [a for a in list_actors(filters=[("state", "=", "ALIVE")], detail=True) if a.class_name.startswith(f"ServeReplica:{app}")]
-    placement = Counter(f"{a.class_name.split(':')[-1]}@{groups.get(a.node_id, '?')}" for a in replicas)
-    print("replica placement (deployment@node group):", dict(placement))
-    serve.delete(app, cluster=name)
-    ray.shutdown()
-    if set(stats.codes) != {200}:
-        raise PlatformError(f"serving returned {stats.codes}; expected only 200s.")
-    return f"p50 {stats.percentile(50):.1f} ms, p99 {stats.percentile(99):.1f} ms, {stats.throughput:.0f} req/s, max batch {max(stats.batch_rows)}"
+    actors = list_actors(filters=[("state", "=", "ALIVE")], detail=True, limit=10_000)
+    return dict(Counter(groups.get(a.node_id, "?") for a in actors if a.class_name.startswith(f"ServeReplica:{app}:")))
 
 
 def _wait_running(app: str, name: str, timeout_s: float = 300.0) -> None:
@@ -138,7 +267,7 @@ STAGES: list[tuple[str, Callable[[str, dict], str]]] = [
     ("train digits (ray job submit jobs/train.py, DeepSpeed ZeRO-2)", _stage_train),
     ("register the artifact (versioned, hashed)", _stage_register),
     ("export ONNX + INT8 with accuracy gates (ray job submit jobs/export.py)", _stage_export),
-    (f"serve {SERVE_APP} (keys, batching, autoscaling) and send traffic", _stage_serve),
+    (f"serve {SERVE_APP} (keys, batching, autoscaling) under load", _stage_serve),
 ]
 
 
