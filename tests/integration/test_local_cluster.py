@@ -97,15 +97,20 @@ def test_down_with_none_running(tmp_path, monkeypatch):
         cluster.down()
 
 
-def test_failed_worker_stops_what_was_started(three_region_cluster, monkeypatch):
-    spec = with_free_ports(config.validate(
+def two_node_spec(name: str):
+    """A one-CPU head and a one-CPU worker on free ports: the smallest cluster a lifecycle test needs."""
+    return with_free_ports(config.validate(
         {
-            "name": "halfstart",
+            "name": name,
             "head": {"name": "head", "cpus": 1, "memory_gb": 1, "region": "r", "zone": "z"},
             "worker_groups": [{"name": "w", "cpus": 1, "memory_gb": 1, "region": "r", "zone": "z"}],
         },
         cluster.ClusterSpec, "test",
     ))
+
+
+def test_failed_worker_stops_what_was_started(three_region_cluster, monkeypatch):
+    spec = two_node_spec("halfstart")
     real = local._node_command
     started = []
 
@@ -123,7 +128,7 @@ def test_failed_worker_stops_what_was_started(three_region_cluster, monkeypatch)
     assert not head.alive()
     assert not any(_in_group(p, head.pid) for p in psutil.process_iter())
     assert not (local.home() / "clusters" / "halfstart" / "state.json").exists()
-    with pytest.raises(ClusterNotRunning):
+    with pytest.raises(ClusterNotRunning, match="named .halfstart. is running"):
         cluster.find("halfstart")
 
 
@@ -159,19 +164,12 @@ def test_cli_up_and_down_lifecycle(tmp_path, three_region_cluster):
 def test_down_stops_the_workers_of_a_cluster_whose_head_died():
     import signal
 
-    spec = with_free_ports(config.validate(
-        {
-            "name": "headless",
-            "head": {"name": "head", "cpus": 1, "memory_gb": 1, "region": "r", "zone": "z"},
-            "worker_groups": [{"name": "w", "cpus": 1, "memory_gb": 1, "region": "r", "zone": "z"}],
-        },
-        cluster.ClusterSpec, "test",
-    ))
+    spec = two_node_spec("headless")
     running = cluster.up(spec)
     head, worker = running.nodes
     os.killpg(head.pid, signal.SIGKILL)
     local._wait_gone([head], 10.0)
-    with pytest.raises(ClusterNotRunning):
+    with pytest.raises(ClusterNotRunning, match="headless"):
         cluster.find("headless")  # no head: not running any more...
     cluster.down("headless")  # ...but its worker node is still stopped
     assert not worker.alive()
@@ -184,14 +182,7 @@ def test_down_stops_the_nodes_of_an_up_that_was_killed(tmp_path, three_region_cl
 
     import yaml
 
-    spec = with_free_ports(config.validate(
-        {
-            "name": "killedup",
-            "head": {"name": "head", "cpus": 1, "memory_gb": 1, "region": "r", "zone": "z"},
-            "worker_groups": [{"name": "w", "cpus": 1, "memory_gb": 1, "region": "r", "zone": "z"}],
-        },
-        cluster.ClusterSpec, "test",
-    ))
+    spec = two_node_spec("killedup")
     path = tmp_path / "killedup.yaml"
     path.write_text(yaml.safe_dump(spec.model_dump(mode="json")))
     cdir = local.home() / "clusters" / "killedup"
