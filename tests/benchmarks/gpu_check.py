@@ -27,7 +27,6 @@ import argparse
 import gc
 import json
 import math
-import os
 import subprocess
 import sys
 import tempfile
@@ -507,7 +506,6 @@ def part_serve(device, sizes: Sizes, out: Path) -> dict[str, Any]:
                                             "rows_per_s": whole, "rows_per_s_coalesced": coalesced})
                     print(f"[serve] {name} {dtype} b{batch}: {whole:,.0f} rows/s whole, "
                           f"{coalesced:,.0f} coalesced", flush=True)
-                del forward
     result["onnxruntime"] = onnxruntime_cuda(sizes)
     write(out / "serve.json", result)
     return result

@@ -19,7 +19,6 @@ REGION_LABEL = "ray.io/availability-region"
 ZONE_LABEL = "ray.io/availability-zone"
 GROUP_LABEL = "ray.io/node-group"
 MARKET_LABEL = "ray.io/market-type"
-ACCELERATOR_LABEL = "ray.io/accelerator-type"
 # Ray detects ray.io/accelerator-type on real GPU nodes and reserves the ray.io/
 # prefix, so a declared accelerator is also published under our own key.
 DECLARED_ACCELERATOR_LABEL = "mlplatform.io/accelerator-type"

@@ -19,7 +19,7 @@ import re
 import secrets
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
@@ -219,6 +219,3 @@ def _record(app: str, e: dict[str, Any]) -> KeyRecord:
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
-
-def record_to_json(record: KeyRecord) -> dict[str, Any]:
-    return asdict(record)

@@ -145,11 +145,6 @@ def feature_columns(spec: TrainSpec, names: list[str]) -> list[str]:
     return spec.dataset.feature_columns or [n for n in names if n != spec.dataset.label_column]
 
 
-def encode_text(text: str) -> list[int]:
-    """Byte-level tokens (vocab 256): no tokenizer to download, any text encodes."""
-    return list(text.encode("utf-8"))
-
-
 def to_arrays(spec: TrainSpec, columns: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """Raw columns (as read from Parquet) → the (x, y) arrays a worker trains on."""
     out = _Preprocess(spec)(columns)
