@@ -46,7 +46,7 @@ def _cluster_up(a: argparse.Namespace) -> None:
     spec = config.load(a.config, cluster.ClusterSpec)
     print(f"Starting '{spec.name}': head + {sum(g.count for g in spec.worker_groups)} worker node(s)...", flush=True)
     running = cluster.up(spec, a.config, timeout_s=a.timeout)
-    _print_nodes(cluster.inventory(spec.name))
+    print_nodes(cluster.inventory(spec.name))
     print(f"\nDashboard: {running.dashboard_url}  (log in with `mlplatform cluster token`)")
     print(f"Address:   {running.gcs_address}  (token auth on)")
     print('Point `ray` / `ray job submit` at it:  eval "$(mlplatform cluster env)"')
@@ -64,7 +64,7 @@ def _cluster_status(a: argparse.Namespace) -> None:
 
     running = cluster.find(a.name)
     print(f"Cluster '{running.name}'  address {running.gcs_address}  dashboard {running.dashboard_url}")
-    _print_nodes(cluster.inventory(running.name))
+    print_nodes(cluster.inventory(running.name))
 
 
 def _cluster_env(a: argparse.Namespace) -> None:
@@ -274,7 +274,8 @@ def _print_move(move: Any) -> None:
     print(f"{move.alias}: {was} -> version {move.to_version} ({move.action} by {move.actor})")
 
 
-def _print_nodes(nodes: Sequence[Any]) -> None:
+def print_nodes(nodes: Sequence[Any]) -> None:
+    """The node inventory as a table (cluster up/status and the demo)."""
     rows = [
         [
             n.name + (" (head)" if n.is_head else ""),

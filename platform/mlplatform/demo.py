@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from mlplatform import cluster, config
-from mlplatform.cli import _print_nodes, table
+from mlplatform.cli import print_nodes, table
 from mlplatform.errors import PlatformError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -283,7 +283,7 @@ def run(cluster_config: str) -> int:
     report, state = [], {}
     try:
         print("\n==> Inventory")
-        _print_nodes(cluster.inventory(spec.name))
+        print_nodes(cluster.inventory(spec.name))
         for title, stage in STAGES:
             print(f"\n==> {title}", flush=True)
             t0 = time.monotonic()

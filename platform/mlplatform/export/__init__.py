@@ -11,8 +11,9 @@ Heavy imports (torch, onnxruntime) happen inside the functions.
 """
 
 from mlplatform.export._cpu import cpu_features
-from mlplatform.export._pipeline import export_artifact, export_model, gate_variant, make_spec
+from mlplatform.export._pipeline import FP32_FILE, INT8_FILE, export_artifact, export_model, gate_variant, make_spec
 from mlplatform.export._report import (
+    REPORT_FILE,
     BenchmarkRow,
     CpuFeatures,
     ExportReport,
@@ -23,6 +24,9 @@ from mlplatform.export._report import (
 from mlplatform.export._spec import BenchmarkSpec, ExportSpec, GateSpec, GatesSpec, QuantMode, Quantize
 
 __all__ = [
+    "FP32_FILE",
+    "INT8_FILE",
+    "REPORT_FILE",
     "BenchmarkRow",
     "BenchmarkSpec",
     "CpuFeatures",

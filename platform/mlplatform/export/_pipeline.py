@@ -266,6 +266,6 @@ def _lineage_metrics(report: ExportReport) -> dict[str, float]:
 
 def _encrypt_key(key: Any) -> Any:
     """The key to encrypt the exported version with: the caller's, else the registry's default."""
-    from mlplatform.registry._keys import default_key
+    from mlplatform.registry import default_key
 
     return key if key is not None else default_key()

@@ -15,6 +15,7 @@ from mlplatform.registry._integrity import fetch, verify
 from mlplatform.registry._keys import (
     KeyProvider,
     LocalKey,
+    default_key,
     generate_key,
     key_from_env,
     key_from_file,
@@ -45,6 +46,7 @@ __all__ = [
     "check_writable",
     "diff",
     "fetch",
+    "default_key",
     "generate_key",
     "key_from_env",
     "key_from_file",

@@ -19,8 +19,7 @@ import numpy as np
 from ray import serve
 
 from mlplatform.errors import ModelNotDeployable, ServeError
-from mlplatform.export._pipeline import FP32_FILE, INT8_FILE
-from mlplatform.export._report import REPORT_FILE
+from mlplatform.export import FP32_FILE, INT8_FILE, REPORT_FILE
 from mlplatform.serve._forward import TorchForward, run_batched
 from mlplatform.train import artifact
 
