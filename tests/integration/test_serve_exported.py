@@ -102,10 +102,11 @@ def test_exported_int8_variant_serves_the_trained_model(three_region_cluster, ex
     assert response.headers["X-Served-By"] == "primary/onnx_int8"
     assert response.headers["X-Model-Version"] == version.ref
     served = np.asarray(response.json()["outputs"], np.float32)
-    # Exactly the INT8 file export wrote, run by ONNX Runtime here ...
+    # Exactly the INT8 file export wrote, run by ONNX Runtime here on the same batch ...
     np.testing.assert_allclose(served, run_onnx(fetched / "model.int8.onnx", x), rtol=1e-5, atol=1e-5)
-    # ... and as close to the trained torch model as the export gate measured on this held-out split.
-    assert np.abs(served - torch_out).max() <= int8.metrics["max_abs_error"] + 1e-5
+    # ... and agreeing with the trained torch model as its gate requires. (Not its max_abs_error:
+    # dynamic INT8 quantization scales activations per batch, so one request's error differs from
+    # the gate's batches; the gate's own figures are the export tests' business.)
     agreement = next(c.limit for c in int8.checks if c.metric == "top1_agreement")
     assert (served.argmax(1) == torch_out.argmax(1)).mean() >= agreement
 
