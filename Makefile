@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 DEMO_CLUSTER := cluster_configs/local/three-region.yaml
 
-.PHONY: demo test bench install clean prometheus
+.PHONY: demo test bench install clean prometheus postgresql
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,7 +31,12 @@ prometheus:
 	command -v prometheus >/dev/null || (apt-get update -qq && apt-get install -y -qq prometheus)
 	@command -v prometheus >/dev/null || { echo "prometheus is not on PATH after installing it: install it (apt-get install prometheus) and rerun"; exit 1; }
 
-test: $(VENV)/.installed-dev prometheus
+# The registry's tests run on SQLite and on a live PostgreSQL server they start (Debian's package).
+postgresql:
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq postgresql)
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { echo "PostgreSQL's initdb is missing after installing it: apt-get install postgresql, then rerun"; exit 1; }
+
+test: $(VENV)/.installed-dev prometheus postgresql
 	$(BIN)/python -m pytest tests
 
 bench: $(VENV)/.installed-dev

@@ -90,3 +90,24 @@ def ray_on_three_region(three_region_cluster) -> Iterator["LocalCluster"]:  # no
         yield three_region_cluster
     finally:
         ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A live PostgreSQL server for the whole session (tests/postgres.py); its database URL."""
+    from postgres import server
+
+    with server(free_port()) as url:
+        yield url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def metadata_backend(request, monkeypatch) -> str:
+    """Run the test once on the embedded SQLite store and once on the live PostgreSQL server."""
+    from mlplatform._internal import metadata
+
+    if request.param == "postgresql":
+        monkeypatch.setenv(metadata.URL_ENV, request.getfixturevalue("postgres_url"))
+    else:
+        monkeypatch.delenv(metadata.URL_ENV, raising=False)
+    return request.param

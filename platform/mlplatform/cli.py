@@ -248,6 +248,18 @@ def _registry_history(a: argparse.Namespace) -> None:
     ]))
 
 
+def _registry_migrate(a: argparse.Namespace) -> None:
+    from mlplatform import registry
+
+    done = registry.migrate(root=a.root)
+    if not done:
+        print("nothing to migrate: no model under the root has a file-based index.json")
+        return
+    print(table(["MODEL", "VERSIONS", "ALIAS MOVES", "STATUS"], [
+        [m.name, m.versions, m.alias_moves, "already in the metadata store" if m.already else "imported"] for m in done
+    ]))
+
+
 def _registry_verify(a: argparse.Namespace) -> int:
     from mlplatform import registry
 
@@ -352,6 +364,11 @@ COMMANDS: dict[tuple[str, ...], Command] = {
     ("registry", "history"): Command(
         _registry_history, "Every alias move: when, who, from, to, why.",
         (_ROOT, arg("name", help="Model name."), arg("alias", nargs="?", help="Only this alias.")),
+    ),
+    ("registry", "migrate"): Command(
+        _registry_migrate,
+        "Import a registry from before the metadata store (each model's index.json) into it; run once.",
+        (_ROOT,),
     ),
     ("registry", "verify"): Command(
         _registry_verify, "Check a version's files against its manifest hashes; exit 1 if any differ.", (_ROOT, _REF)

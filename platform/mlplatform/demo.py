@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from mlplatform import cluster, config
+from mlplatform._internal.artifact_layout import EXPORT_REPORT
 from mlplatform.cli import print_nodes, table
 from mlplatform.errors import PlatformError
 
@@ -79,6 +80,9 @@ def _stage_train(name: str, state: dict) -> str:
 def _stage_register(name: str, state: dict) -> str:
     from mlplatform import registry
 
+    # A registry left by an earlier demo, from before the metadata store, is imported first.
+    for m in registry.migrate(root=REGISTRY):
+        print(f"imported {m.name} ({m.versions} versions) from the file-based index into the metadata store")
     version = registry.register(state["artifact"], MODEL, root=REGISTRY)
     state["trained"] = version.ref
     integrity = registry.verify(version.ref, root=REGISTRY)
@@ -104,7 +108,7 @@ def _stage_export(name: str, state: dict) -> str:
     # The gate verdict as the export stored it with the version, read back before any alias moves.
     with tempfile.TemporaryDirectory() as tmp:
         registry.fetch(exported.ref, tmp, root=REGISTRY)
-        report = ExportReport.from_json(json.loads((Path(tmp) / "export_report.json").read_text()))
+        report = ExportReport.from_json(json.loads((Path(tmp) / EXPORT_REPORT).read_text()))
     int8 = report.variant("onnx_int8")
     print(f"{exported.ref} onnx_int8 gate: " + "; ".join(c.describe() for c in int8.checks))
     if not int8.deployable:
@@ -249,17 +253,23 @@ def _replica_groups(app: str) -> dict[str, int]:
 
 
 def _wait_running(app: str, name: str, timeout_s: float = 300.0) -> None:
+    import tenacity
+
     from mlplatform import serve
 
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+    def running() -> bool:
         status = serve.status(cluster=name).get(app, {})
-        if status.get("status") == "RUNNING":
-            return
         if status.get("status") == "DEPLOY_FAILED":
             raise PlatformError(f"{app} failed to deploy: {status.get('message')}")
-        time.sleep(2)
-    raise PlatformError(f"{app} was not RUNNING within {timeout_s:.0f}s; see `mlplatform serve status`.")
+        return status.get("status") == "RUNNING"
+
+    def gave_up(_: tenacity.RetryCallState) -> None:
+        raise PlatformError(f"{app} was not RUNNING within {timeout_s:.0f}s; see `mlplatform serve status`.")
+
+    tenacity.Retrying(
+        retry=tenacity.retry_if_result(lambda ok: not ok), stop=tenacity.stop_after_delay(timeout_s),
+        wait=tenacity.wait_fixed(2), retry_error_callback=gave_up,
+    )(running)
 
 
 STAGES: list[tuple[str, Callable[[str, dict], str]]] = [

@@ -95,7 +95,7 @@ def test_worker_killed_from_outside_resumes_from_the_newest_complete_checkpoint(
     from ray.util.state import list_actors
 
     from mlplatform.train import checkpoints
-    from mlplatform.train.preflight import storage_filesystem
+    from mlplatform._internal.storage import filesystem
 
     spec = digits_spec(tmp_path, name="digits-kill")
     spec = spec.model_copy(update={"checkpoint": spec.checkpoint.model_copy(update={"every_n_steps": 20})})
@@ -116,7 +116,7 @@ def test_worker_killed_from_outside_resumes_from_the_newest_complete_checkpoint(
     assert len(workers) == 2, workers
     os.kill(workers[-1].pid, signal.SIGKILL)
     time.sleep(1)  # a worker blocked on its dead peer writes nothing more
-    fs, root = storage_filesystem(spec.storage_path)
+    fs, root = filesystem(spec.storage_path)
     newest = checkpoints.newest_complete(fs, f"{root}/{spec.name}")
     runner.join(600)
     result = outcome["result"]

@@ -51,8 +51,10 @@ def test_groups_keep_their_place_labels_and_auth():
     eu = next(g for g in manifest["workerGroupSpecs"] if g["groupName"] == "eu")
     pod = eu["template"]["spec"]
     assert pod["nodeSelector"]["topology.kubernetes.io/region"] == "eu-central-1"
-    env = {e["name"]: e["value"] for e in pod["containers"][0]["env"]}
-    assert env == {"RAY_NODE_REGION": "eu-central-1", "RAY_NODE_ZONE": "eu-central-1a", "RAY_NODE_TYPE_NAME": "eu", "RAY_NODE_MARKET_TYPE": "on-demand"}
+    env = {e["name"]: e.get("value") or e["valueFrom"] for e in pod["containers"][0]["env"]}
+    assert env == {"RAY_NODE_REGION": "eu-central-1", "RAY_NODE_ZONE": "eu-central-1a", "RAY_NODE_TYPE_NAME": "eu", "RAY_NODE_MARKET_TYPE": "on-demand",
+                   # the shared metadata store, from a Secret (no password in the manifest)
+                   "MLPLATFORM_METADATA_URL": {"secretKeyRef": {"name": "mlplatform-metadata", "key": "url", "optional": True}}}
     gpu = next(g for g in manifest["workerGroupSpecs"] if g["groupName"] == "gpu")
     assert gpu["labels"] == {"mlplatform.io/simulated-gpu": "true"}
 

@@ -23,8 +23,14 @@ from mlplatform.registry import (
     show,
     verify,
 )
+from mlplatform.errors import RegistryError
 from mlplatform.registry import _register, _store
+from mlplatform.registry._index import read_index
+from mlplatform.registry._store import Store
 
+
+# Every test runs on the embedded SQLite store and on a live PostgreSQL server.
+pytestmark = pytest.mark.usefixtures("metadata_backend")
 
 def make_artifact(path: Path, *, accuracy: float = 0.9, lr: float = 0.1, weights: bytes = b"w" * 300) -> Path:
     """An artifact laid out like the training package writes one."""
@@ -179,7 +185,7 @@ def test_diff_reports_metrics_spec_lineage_and_files(tmp_path, root):
 
 def test_crash_during_copy_leaves_no_visible_version(tmp_path, root, monkeypatch):
     register(make_artifact(tmp_path / "a"), "m", root=root)
-    index_before = (root / "m" / "index.json").read_bytes()
+    index_before = read_index(Store(root), "m")
     real_copy = _register._copy_file
     calls = []
 
@@ -192,23 +198,23 @@ def test_crash_during_copy_leaves_no_visible_version(tmp_path, root, monkeypatch
     monkeypatch.setattr(_register, "_copy_file", copy_then_die)
     with pytest.raises(KeyboardInterrupt):
         register(make_artifact(tmp_path / "b"), "m", root=root)
-    assert (root / "m" / "index.json").read_bytes() == index_before
+    assert read_index(Store(root), "m") == index_before
     assert list((root / "m" / ".staging").iterdir()) == []
     assert sorted(p.name for p in (root / "m" / "versions").iterdir()) == ["1"]
 
 
 def test_orphan_version_directory_is_invisible_and_its_number_not_reused(tmp_path, root):
     register(make_artifact(tmp_path / "a"), "m", root=root)
-    # What a crash between moving the files into place and writing index.json leaves.
+    # What a crash between moving the files into place and committing the index leaves.
     (root / "m" / "versions" / "2" / "files").mkdir(parents=True)
     assert [v.version for v in list_versions("m", root=root)] == [1]
     assert register(make_artifact(tmp_path / "b"), "m", root=root).version == 3
     assert [v.version for v in list_versions("m", root=root)] == [1, 3]
 
 
-def test_object_store_code_path_round_trips(tmp_path, root, monkeypatch, caplog):
-    # S3/GCS cannot run here; drive the same non-local branch (no flock, no rename-replace,
-    # one PUT per index write) over a local directory instead.
+def test_object_store_code_path_round_trips(tmp_path, root, monkeypatch, metadata_backend):
+    # S3/GCS cannot run here; drive the same non-local branch (one PUT per file, no rename-replace)
+    # over a local directory instead.
     real_init = _store.Store.__init__
 
     def as_object_store(self, root_arg):
@@ -216,11 +222,29 @@ def test_object_store_code_path_round_trips(tmp_path, root, monkeypatch, caplog)
         self.local = False
 
     monkeypatch.setattr(_store.Store, "__init__", as_object_store)
-    monkeypatch.setattr(_store, "_warned_unlocked", set())
-    register(make_artifact(tmp_path / "a"), "m", root=root)
+    artifact = make_artifact(tmp_path / "a")
+    if metadata_backend == "sqlite":
+        # An object store cannot lock an index: without a shared database it is refused up front.
+        with pytest.raises(RegistryError, match="object store.*Set MLPLATFORM_METADATA_URL="):
+            register(artifact, "m", root=root)
+        assert not (root / "m" / "versions").exists() and list((root / "m" / ".staging").iterdir()) == []
+        monkeypatch.setenv("MLPLATFORM_METADATA_URL", f"sqlite:///{tmp_path}/shared.db")
+    register(artifact, "m", root=root)
     register(make_artifact(tmp_path / "b", accuracy=0.95), "m", root=root, encrypt_key=b"k" * 32)
     set_alias("m", "production", 2, root=root)
-    assert "not locked" in caplog.text
     fetch("m@production", tmp_path / "out", root=root, key=b"k" * 32)
     assert tree(tmp_path / "out") == tree(tmp_path / "b")
-    assert not (root / "m" / ".lock").exists()
+    assert not (root / "registry.db").exists()
+
+
+def test_a_registry_copied_elsewhere_keeps_its_index(tmp_path, root, metadata_backend):
+    import shutil
+
+    register(make_artifact(tmp_path / "a"), "m", root=root)
+    set_alias("m", "production", 1, root=root)
+    copy = tmp_path / "restored"
+    shutil.copytree(root, copy)
+    if metadata_backend == "sqlite":  # the embedded index travels with the root
+        assert list_aliases("m", root=copy) == {"production": 1} and verify("m@1", root=copy).ok
+    else:  # a shared database tells roots apart by their URI: the copy is a new, empty registry
+        assert list_models(root=copy) == []

@@ -35,8 +35,13 @@ from mlplatform.registry import (
     set_alias,
     verify,
 )
+from mlplatform.registry._index import DB_FILE, model_names, read_index
 from mlplatform.registry._names import check_name
+from mlplatform.registry._store import Store
 
+
+# Every test runs on the embedded SQLite store and on a live PostgreSQL server.
+pytestmark = pytest.mark.usefixtures("metadata_backend")
 
 def make_artifact(path: Path) -> Path:
     path.mkdir(parents=True)
@@ -45,13 +50,15 @@ def make_artifact(path: Path) -> Path:
     return path
 
 
-def snapshot(root: Path) -> dict[str, bytes]:
-    """Every file under the root, except the lock file whose content is informational."""
-    return {
+def snapshot(root: Path) -> dict[str, object]:
+    """Every artifact file under the root, and every model's index as the metadata store holds it."""
+    files = {
         str(p.relative_to(root)): p.read_bytes()
         for p in sorted(root.rglob("*"))
-        if p.is_file() and p.name != ".lock"
+        if p.is_file() and not p.name.startswith(DB_FILE)  # the database's own pages and journals
     }
+    store = Store(root)
+    return {**files, "index": {name: read_index(store, name) for name in model_names(store)}}
 
 
 @pytest.fixture
@@ -118,8 +125,8 @@ def test_unwritable_root_is_refused_before_anything_is_written(tmp_path):
     # The same check on its own, for callers that work for minutes before registering (export).
     with pytest.raises(RegistryNotWritable, match=r"not-a-dir/registry \(`root`\) is not writable"):
         check_writable(blocker / "registry")
-    check_writable(tmp_path / "fresh")  # creatable: fine, and nothing but the root is left behind
-    assert list((tmp_path / "fresh").iterdir()) == []
+    check_writable(tmp_path / "fresh")  # creatable: fine, and nothing but the root and its index is left behind
+    assert {p.name for p in (tmp_path / "fresh").iterdir()} <= {DB_FILE, f"{DB_FILE}-wal", f"{DB_FILE}-shm"}
 
 
 def test_unwritable_root_or_model_directory_is_refused(registry, tmp_path):
@@ -225,4 +232,10 @@ def test_missing_root(tmp_path, monkeypatch):
         list_models(root=tmp_path / "nowhere")
     with pytest.raises(ModelNotFound, match="registered models: none"):
         fetch("m", tmp_path / "o", root=tmp_path / "nowhere")
+    assert not (tmp_path / "nowhere").exists()
+
+
+def test_alias_moves_on_a_registry_that_does_not_exist_create_nothing(tmp_path):
+    with pytest.raises(ModelNotFound, match="registered models: none"):
+        set_alias("m", "production", 1, root=tmp_path / "nowhere")
     assert not (tmp_path / "nowhere").exists()

@@ -6,7 +6,14 @@ import json
 import multiprocessing
 from pathlib import Path
 
+import pytest
+
 from mlplatform.registry import alias_history, list_aliases, list_versions, verify
+from mlplatform.registry._index import read_index
+from mlplatform.registry._store import Store
+
+# Every test runs on the embedded SQLite store and on a live PostgreSQL server.
+pytestmark = pytest.mark.usefixtures("metadata_backend")
 
 PROCESSES = 6
 REGISTRATIONS = 3
@@ -40,9 +47,8 @@ def test_parallel_registrations_from_processes(tmp_path):
         p.join(timeout=120)
     assert [p.exitcode for p in procs] == [0] * PROCESSES
 
-    index = json.loads((root / "shared" / "index.json").read_text())  # valid JSON
     total = PROCESSES * REGISTRATIONS
-    assert [v["version"] for v in index["versions"]] == list(range(1, total + 1))
+    assert [v["version"] for v in read_index(Store(root), "shared")["versions"]] == list(range(1, total + 1))
     versions = list_versions("shared", root=root)
     origins = sorted((v.lineage.metrics["worker"], v.lineage.metrics["i"]) for v in versions)
     assert origins == [(w, i) for w in range(PROCESSES) for i in range(REGISTRATIONS)]
@@ -55,4 +61,56 @@ def test_parallel_registrations_from_processes(tmp_path):
         assert by_number[number] == {"worker": int(alias[1:]), "i": REGISTRATIONS - 1}
     assert sorted(p.name for p in (root / "shared" / "versions").iterdir()) == sorted(str(n) for n in range(1, total + 1))
     assert list((root / "shared" / ".staging").iterdir()) == []
-    assert not list((root / "shared").glob("index.json.tmp-*"))
+
+
+MOVERS = 5
+MOVES = 8
+
+
+def _move_aliases(root: str, worker: int, barrier) -> None:
+    """Child process: MOVES alias moves on the shared model, its own alias and the shared one."""
+    from mlplatform.registry import promote, rollback, set_alias
+
+    barrier.wait()
+    for i in range(MOVES):
+        if i % 4 == 3:
+            rollback("m", f"p{worker}", root=root, reason=f"{worker}/{i}")
+        elif i % 4 == 2:
+            promote("m", f"p{worker}", "everyone", root=root, reason=f"{worker}/{i}")
+        else:
+            set_alias("m", f"p{worker}", 1 + (worker + i) % 3, root=root, reason=f"{worker}/{i}")
+
+
+def test_concurrent_alias_moves_from_processes_lose_none(tmp_path):
+    root = tmp_path / "registry"
+    from mlplatform.registry import register
+
+    for n in range(3):
+        artifact = tmp_path / f"a{n}"
+        artifact.mkdir()
+        (artifact / "model.safetensors").write_bytes(bytes([n]) * 100)
+        register(artifact, "m", root=root)
+    ctx = multiprocessing.get_context("spawn")
+    barrier = ctx.Barrier(MOVERS)
+    procs = [ctx.Process(target=_move_aliases, args=(str(root), w, barrier)) for w in range(MOVERS)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    assert [p.exitcode for p in procs] == [0] * MOVERS
+
+    history = alias_history("m", root=root)
+    assert len(history) == MOVERS * MOVES  # not one move lost
+    for w in range(MOVERS):
+        # Each process's moves are recorded in the order it made them, and replaying them gives
+        # where its alias ends: no move was applied to a stale view of the alias.
+        mine = [m for m in history if m.reason.startswith(f"{w}/")]
+        assert [m.reason for m in mine] == [f"{w}/{i}" for i in range(MOVES)]
+        own = [m for m in mine if m.alias == f"p{w}"]
+        assert all(b.from_version == a.to_version for a, b in zip(own, own[1:]))
+        assert list_aliases("m", root=root)[f"p{w}"] == own[-1].to_version
+    # The shared alias's chain of moves is unbroken too: each starts where the previous one ended.
+    shared = [m for m in history if m.alias == "everyone"]
+    assert len(shared) == MOVERS * (MOVES // 4)
+    assert all(b.from_version == a.to_version for a, b in zip(shared, shared[1:]))
+    assert list_aliases("m", root=root)["everyone"] == shared[-1].to_version

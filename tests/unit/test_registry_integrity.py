@@ -24,6 +24,9 @@ from mlplatform.registry import (
 )
 from mlplatform.registry import _register
 
+# Every test runs on the embedded SQLite store and on a live PostgreSQL server.
+pytestmark = pytest.mark.usefixtures("metadata_backend")
+
 WEIGHTS = bytes(range(256)) * 4
 
 
@@ -36,6 +39,21 @@ def make_artifact(path: Path) -> Path:
 
 def stored(root: Path, name: str, version: int, rel: str) -> Path:
     return root / name / "versions" / str(version) / "files" / rel
+
+
+def record_manifest_hash(root: Path, name: str, version: int, sha256: str) -> None:
+    """What an attacker with write access to the metadata database too would do."""
+    import sqlalchemy as sa
+
+    from mlplatform._internal.metadata import tables
+    from mlplatform.registry._index import database, registry_key
+    from mlplatform.registry._store import Store
+
+    store = Store(root)
+    rows = tables.registry_versions
+    with database(store).begin() as conn:
+        conn.execute(sa.update(rows).where(rows.c.registry == registry_key(store), rows.c.name == name,
+                                           rows.c.version == version).values(manifest_sha256=sha256))
 
 
 def assert_nothing_left(dest: Path) -> None:
@@ -197,10 +215,7 @@ def test_swapped_ciphertexts_fail_authentication(tmp_path, root, key):
         other = entries["b.bin" if f["path"] == "a.bin" else "a.bin"]
         f["stored_sha256"], f["stored_size"] = other["stored_sha256"], other["stored_size"]
     manifest_path.write_text(json.dumps(manifest))
-    index_path = root / "m" / "index.json"
-    index = json.loads(index_path.read_text())
-    index["versions"][0]["manifest_sha256"] = hashlib.sha256(manifest_path.read_bytes()).hexdigest()
-    index_path.write_text(json.dumps(index))
+    record_manifest_hash(root, "m", 1, hashlib.sha256(manifest_path.read_bytes()).hexdigest())
 
     report = verify("m@1", root=root, key=key)
     assert sorted((p.path, p.kind) for p in report.problems) == [

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
+from mlplatform._internal import placement
 from mlplatform.cluster.spec import GROUP_LABEL, MARKET_LABEL, REGION_LABEL, ZONE_LABEL
 
 
@@ -40,7 +41,7 @@ class Node:
 
     def matches(self, selector: Mapping[str, str]) -> bool:
         """Whether this node satisfies a Ray label selector (`v`, `!v`, `in(a,b)`, `!in(a,b)`)."""
-        return all(_match(self.labels.get(key), want) for key, want in selector.items())
+        return placement.matches(self.labels, selector)
 
 
 def inventory(name: str | None = None) -> list[Node]:
@@ -75,13 +76,3 @@ def from_ray_nodes(raw: list[dict[str, Any]]) -> list[Node]:
 def _public_resources(resources: Mapping[str, float]) -> dict[str, float]:
     # Ray adds one `node:<ip>` resource per node; it says nothing a user sized.
     return {k: v for k, v in resources.items() if not k.startswith("node:")}
-
-
-def _match(value: str | None, want: str) -> bool:
-    negate = want.startswith("!")
-    want = want[1:] if negate else want
-    if want.startswith("in(") and want.endswith(")"):
-        hit = value in {v.strip() for v in want[3:-1].split(",")}
-    else:
-        hit = value == want
-    return hit != negate

@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+import tenacity
+
 from mlplatform.cluster.connect import authenticate
 from mlplatform.errors import ClusterError
 
@@ -37,9 +39,15 @@ def submit_job(
     start = time.monotonic()
     job_id = client.submit_job(entrypoint=entrypoint, runtime_env={"working_dir": working_dir})
     terminal = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}
-    while (status := client.get_job_status(job_id)) not in terminal:
-        if time.monotonic() - start > timeout_s:
-            client.stop_job(job_id)
-            raise ClusterError(f"Job {job_id} ({entrypoint}) did not finish within {timeout_s:.0f}s; it was stopped.")
-        time.sleep(1)
+
+    def give_up(_: tenacity.RetryCallState) -> None:
+        client.stop_job(job_id)
+        raise ClusterError(f"Job {job_id} ({entrypoint}) did not finish within {timeout_s:.0f}s; it was stopped.")
+
+    status = tenacity.Retrying(
+        retry=tenacity.retry_if_result(lambda s: s not in terminal),
+        stop=tenacity.stop_after_delay(timeout_s),
+        wait=tenacity.wait_fixed(1),
+        retry_error_callback=give_up,
+    )(client.get_job_status, job_id)
     return JobResult(job_id, status.value, client.get_job_logs(job_id), time.monotonic() - start)

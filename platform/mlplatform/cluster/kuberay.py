@@ -16,6 +16,13 @@ from mlplatform.cluster.spec import ClusterSpec, NodeGroup
 
 RAY_VERSION = "2.60.0"
 DEFAULT_IMAGE = f"rayproject/ray:{RAY_VERSION}-py311"
+# The shared metadata store (PostgreSQL) for every pod, from a Secret so the password is in no
+# manifest: kubectl create secret generic mlplatform-metadata --from-literal=url=postgresql://...
+METADATA_SECRET = "mlplatform-metadata"
+_METADATA_URL = {
+    "name": "MLPLATFORM_METADATA_URL",
+    "valueFrom": {"secretKeyRef": {"name": METADATA_SECRET, "key": "url", "optional": True}},
+}
 
 
 def render_raycluster(spec: ClusterSpec, image: str = DEFAULT_IMAGE) -> dict[str, Any]:
@@ -77,7 +84,7 @@ def _pod(group: NodeGroup, image: str, container: str) -> dict[str, Any]:
                 {
                     "name": container,
                     "image": image,
-                    "env": [{"name": var, "value": labels[label]} for label, var in _LABEL_ENV.items()],
+                    "env": [{"name": var, "value": labels[label]} for label, var in _LABEL_ENV.items()] + [_METADATA_URL],
                     "resources": {"limits": limits, "requests": dict(limits)},
                 }
             ],

@@ -15,7 +15,6 @@ state and starts every node with RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -27,13 +26,15 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+import tenacity
+
+from mlplatform._internal import storage
 from mlplatform.cluster.spec import (
     GROUP_LABEL,
     MARKET_LABEL,
@@ -73,7 +74,7 @@ _FOREIGN_ENV = (
 
 def home() -> Path:
     """Where cluster state lives: $MLPLATFORM_HOME, else ~/.mlplatform."""
-    return Path(os.environ.get("MLPLATFORM_HOME", "~/.mlplatform")).expanduser()
+    return storage.home()
 
 
 def _cluster_dir(name: str) -> Path:
@@ -154,7 +155,7 @@ def _up(spec: ClusterSpec, config: str, timeout_s: float) -> LocalCluster:
 
     (cdir / "logs").mkdir(parents=True, exist_ok=True)
     token_path = cdir / "auth_token"
-    _write_private(token_path, secrets.token_hex(32))
+    storage.write_private(token_path, secrets.token_hex(32))
     # Unix socket paths must stay short (~107 bytes), so Ray's temp dir is not under home().
     temp_dir = Path(tempfile.gettempdir()) / f"mlp-{spec.name}-{hashlib.sha256(str(cdir).encode()).hexdigest()[:8]}"
     env = {k: v for k, v in os.environ.items() if k not in _FOREIGN_ENV}
@@ -345,9 +346,9 @@ def _spawn(group: NodeGroup, node_name: str, flags: list[str], env: Mapping[str,
 
 
 def _wait_ready(nodes: list[NodeProcess], timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
     pending = list(nodes)
-    while pending:
+
+    def still_starting() -> list[NodeProcess]:
         for node in list(pending):
             text = Path(node.log).read_text(errors="replace")
             if _READY in text:
@@ -357,30 +358,38 @@ def _wait_ready(nodes: list[NodeProcess], timeout_s: float) -> None:
                     f"Node '{node.name}' (group '{node.group}') exited while starting; "
                     f"every node started so far was stopped again.\n{_tail(text)}\nFull log: {node.log}"
                 )
-        if pending and time.monotonic() > deadline:
-            names = ", ".join(n.name for n in pending)
-            raise NodeStartError(
-                f"Node(s) {names} did not start within {timeout_s:.0f}s; every node started so far "
-                f"was stopped again. Logs: {pending[0].log}"
-            )
-        time.sleep(0.2)
+        return pending
+
+    def timed_out(_: tenacity.RetryCallState) -> None:
+        raise NodeStartError(
+            f"Node(s) {', '.join(n.name for n in pending)} did not start within {timeout_s:.0f}s; every node "
+            f"started so far was stopped again. Logs: {pending[0].log}"
+        )
+
+    tenacity.Retrying(
+        retry=tenacity.retry_if_result(bool), stop=tenacity.stop_after_delay(timeout_s),
+        wait=tenacity.wait_fixed(0.2), retry_error_callback=timed_out,
+    )(still_starting)
 
 
 def _wait_http(url: str, timeout_s: float, head: NodeProcess) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
+    def answers() -> None:
         try:
             urllib.request.urlopen(f"{url}/api/version", timeout=2)
-            return
         except urllib.error.HTTPError:
-            return  # It answers (401 without a token): the job API is up.
-        except (urllib.error.URLError, OSError):
-            if not head.alive() or time.monotonic() > deadline:
-                raise NodeStartError(
-                    f"The dashboard at {url} did not come up within {timeout_s:.0f}s; "
-                    f"every node was stopped again. Head log: {head.log}"
-                ) from None
-            time.sleep(0.3)
+            pass  # It answers (401 without a token): the job API is up.
+
+    def gave_up(_: tenacity.RetryCallState) -> None:
+        raise NodeStartError(
+            f"The dashboard at {url} did not come up within {timeout_s:.0f}s; "
+            f"every node was stopped again. Head log: {head.log}"
+        )
+
+    tenacity.Retrying(
+        retry=tenacity.retry_if_exception_type(OSError),  # URLError included: not listening yet
+        stop=tenacity.stop_after_delay(timeout_s) | (lambda _: not head.alive()),
+        wait=tenacity.wait_fixed(0.3), retry_error_callback=gave_up,
+    )(answers)
 
 
 def _tail(text: str, lines: int = 15) -> str:
@@ -474,13 +483,17 @@ def _survivors_message(cluster: LocalCluster, survivors: list[NodeProcess]) -> s
 
 
 def _wait_gone(nodes: list[NodeProcess], timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+    """Wait up to `timeout_s` for the nodes' process groups to go; the caller checks what is left."""
+
+    def any_left() -> bool:
         for node in nodes:
             _reap(node.pid)
-        if not any(_group_exists(n.pid) for n in nodes):
-            return
-        time.sleep(0.2)
+        return any(_group_exists(n.pid) for n in nodes)
+
+    tenacity.Retrying(
+        retry=tenacity.retry_if_result(bool), stop=tenacity.stop_after_delay(timeout_s),
+        wait=tenacity.wait_fixed(0.2), retry_error_callback=lambda _: None,
+    )(any_left)
 
 
 def _signal_group(pgid: int, sig: int) -> None:
@@ -535,31 +548,23 @@ def _clear_stale_state(name: str, config: str) -> None:
 def _exclusive(name: str) -> Iterator[None]:
     """Hold cluster `name`'s lock: one `up` or `down` of it at a time, across processes.
 
-    flock is released by the kernel when its holder dies, so a killed `up` never leaves
-    the cluster locked.
+    The kernel releases the lock when its holder dies, so a killed `up` never leaves the
+    cluster locked; a second `up` or `down` fails at once rather than queueing behind it.
     """
-    cdir = _cluster_dir(name)
-    cdir.mkdir(parents=True, exist_ok=True)
-    with open(cdir / "lock", "a+") as f:
+    lock = _cluster_dir(name) / "lock"
+    with contextlib.ExitStack() as stack:
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
+            stack.enter_context(storage.file_lock(lock, timeout_s=0))
+        except storage.LockBusy:
             raise ClusterBusy(
-                f"Another `mlplatform cluster up` or `down` of '{name}' is in progress (pid {f.read().strip() or '?'}); "
-                "wait for it to finish, or stop it, then try again."
+                f"Another `mlplatform cluster up` or `down` of '{name}' is in progress "
+                f"({storage.lock_holder(lock)}); wait for it to finish, or stop it, then try again."
             ) from None
-        f.truncate(0)
-        f.write(str(os.getpid()))
-        f.flush()
         yield
 
 
 def _write_state(cluster: LocalCluster) -> None:
-    state = _cluster_dir(cluster.name) / "state.json"
-    tmp = state.with_suffix(".tmp")
-    tmp.write_text(json.dumps(asdict(cluster), indent=2))
-    tmp.replace(state)
+    storage.atomic_write(_cluster_dir(cluster.name) / "state.json", json.dumps(asdict(cluster), indent=2))
 
 
 def _read_state(path: Path) -> LocalCluster | None:
@@ -573,10 +578,4 @@ def _read_state(path: Path) -> LocalCluster | None:
         raise ClusterError(
             f"Cluster state {path} is unreadable ({e}). If no such cluster runs, delete the file."
         ) from None
-
-
-def _write_private(path: Path, text: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
 

@@ -10,10 +10,12 @@ model.onnx, model.int8.onnx and export_report.json, lineage `extra.exported_from
 Heavy imports (torch, onnxruntime) happen inside the functions.
 """
 
+from mlplatform._internal.artifact_layout import EXPORT_REPORT as REPORT_FILE
+from mlplatform._internal.artifact_layout import ONNX_FP32 as FP32_FILE
+from mlplatform._internal.artifact_layout import ONNX_INT8 as INT8_FILE
 from mlplatform.export._cpu import cpu_features
-from mlplatform.export._pipeline import FP32_FILE, INT8_FILE, export_artifact, export_model, gate_variant, make_spec
+from mlplatform.export._pipeline import export_artifact, export_model, gate_variant, make_spec
 from mlplatform.export._report import (
-    REPORT_FILE,
     BenchmarkRow,
     CpuFeatures,
     ExportReport,

@@ -9,8 +9,8 @@ from typing import Any
 
 import numpy as np
 
+from mlplatform._internal import artifact_layout as layout
 from mlplatform.errors import HoldoutDataError, InputSignatureError
-from mlplatform.train import artifact
 
 _DTYPES = {"float32": np.float32, "int64": np.int64}
 
@@ -96,21 +96,21 @@ def holdout(
         table = _read(validation, "metadata.dataset.validation", fix)
         return _rows(table, validation, metadata, sig, task, max_rows)
     # Trained on a split of one file: no held-out file exists, so the gate checks agreement on training rows.
-    sample = str(Path(artifact_dir) / artifact.SAMPLE)
-    return _rows(_read(sample, artifact.SAMPLE), sample, metadata, sig, task, max_rows)
+    sample = str(Path(artifact_dir) / layout.SAMPLE)
+    return _rows(_read(sample, layout.SAMPLE), sample, metadata, sig, task, max_rows)
 
 
 def calibration(artifact_dir: str | os.PathLike, metadata: dict[str, Any], sig: Signature, task: str, rows: int) -> np.ndarray:
     """Training inputs for static INT8 calibration: the artifact's reference sample (first training rows)."""
-    source = str(Path(artifact_dir) / artifact.SAMPLE)
+    source = str(Path(artifact_dir) / layout.SAMPLE)
     return _rows(_read(source, "calibration data (the artifact's reference sample)"), source, metadata, sig, task, rows).x
 
 
 def _rows(table, source: str, metadata: dict[str, Any], sig: Signature, task: str, max_rows: int) -> Holdout:
     if task == "causal_lm":
         return Holdout(_token_blocks(table, metadata, sig, source)[:max_rows], None, source)
-    label = ((metadata.get("spec") or {}).get("dataset") or {}).get("label_column") or "label"
-    cols = list(sig.feature_columns or [c for c in table.column_names if c != label])
+    label = layout.label_column(metadata)
+    cols = layout.feature_columns(sig.feature_columns, table.column_names, label)
     missing = [c for c in cols if c not in table.column_names]
     if missing or len(cols) != int(np.prod(sig.shape[1:])):
         raise HoldoutDataError(
@@ -129,19 +129,18 @@ def _rows(table, source: str, metadata: dict[str, Any], sig: Signature, task: st
 
 
 def _token_blocks(table, metadata: dict[str, Any], sig: Signature, source: str) -> np.ndarray:
-    # Same tokenization as training (mlplatform.train.data): UTF-8 bytes, documents joined by a blank line.
-    column = ((metadata.get("spec") or {}).get("dataset") or {}).get("text_column") or "text"
+    # The tokenizer training used (byte-level), so the gate sees the sequences the model learned from.
+    column = layout.text_column(metadata)
     if column not in table.column_names:
         raise HoldoutDataError(
             f"{source}: has no text column {column!r} (columns: {table.column_names[:8]}); pass a Parquet file "
             f"with it as `holdout_path`."
         )
     seq = sig.shape[1]
-    data = np.frombuffer("\n\n".join(str(t) for t in table.column(column).to_pylist()).encode("utf-8"), np.uint8)
-    n = len(data) // seq
-    if n == 0:
+    blocks = layout.token_blocks(table.column(column).to_pylist(), seq)
+    if len(blocks) == 0:
         raise HoldoutDataError(f"{source}: holds fewer than {seq} tokens; the gate needs at least one full sequence.")
-    return data[: n * seq].reshape(n, seq).astype(np.int64)
+    return blocks
 
 
 def _read(source: str, field: str, fix: str = "Pass a readable Parquet file or directory."):

@@ -10,20 +10,19 @@ import dataclasses
 import os
 import shutil
 import tempfile
-import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from mlplatform._internal import artifact_layout as layout
+from mlplatform._internal import storage
 from mlplatform.errors import ExportError
 
-from mlplatform.export._report import REPORT_FILE, ExportReport
+from mlplatform.export._report import ExportReport
 from mlplatform.export._spec import ExportSpec, QuantMode, Quantize
 
-FP32_FILE = "model.onnx"
-INT8_FILE = "model.int8.onnx"
-# Files an earlier export added: a re-export of an exported version replaces them.
-_EXPORT_FILES = {FP32_FILE, INT8_FILE, REPORT_FILE}
+# Scratch file of the exporter, never part of the version.
+_RAW_ONNX = "model.raw.onnx"
 
 
 def make_spec(config: str | os.PathLike | None = None, *, quantize: str | None = None,
@@ -119,47 +118,45 @@ def export_artifact(
     import torch
 
     from mlplatform.export import _bench, _cpu, _data, _gate, _onnx
-    from mlplatform.train import artifact as train_artifact
+    from mlplatform.train import load_model, read_metadata
 
     spec = spec or ExportSpec()
     artifact_dir = Path(artifact_dir)
-    out = Path(out_dir).expanduser().absolute()
+    out = Path(storage.absolute(out_dir))
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ExportError(f"Got {str(out)!r} for `out_dir`; it exists and is not empty. Pass a new or empty directory.")
 
-    meta = train_artifact.read_metadata(artifact_dir)
+    meta = read_metadata(artifact_dir)
     if not meta.get("input_signature") and fallback_signature:
         meta = {**meta, "input_signature": fallback_signature}
     where = source_ref or str(artifact_dir)
     sig = _data.signature(meta, where)
     task = _task(meta, where)
-    model = train_artifact.load_model(artifact_dir)
+    model = load_model(artifact_dir)
     held = _data.holdout(meta, artifact_dir, sig, task, spec.holdout_path, spec.max_holdout_rows)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
+    staging = storage.staging_dir(out)
     try:
-        staging.mkdir()
         for f in sorted(artifact_dir.rglob("*")):
             rel = f.relative_to(artifact_dir)
-            if f.is_file() and str(rel) not in _EXPORT_FILES:
+            if f.is_file() and str(rel) not in layout.EXPORT_FILES:
                 (staging / rel).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(f, staging / rel)
         raw = staging.parent / f"{staging.name}.raw"
         raw.mkdir()
         try:
-            _onnx.export_fp32(model, sig, spec.opset, raw / "model.raw.onnx", meta.get("model_ref", "the model"))
-            _onnx.optimize(raw / "model.raw.onnx", staging / FP32_FILE)
-            files = {"onnx_fp32": FP32_FILE}
+            _onnx.export_fp32(model, sig, spec.opset, raw / _RAW_ONNX, meta.get("model_ref", "the model"))
+            _onnx.optimize(raw / _RAW_ONNX, staging / layout.ONNX_FP32)
+            files = {"onnx_fp32": layout.ONNX_FP32}
             mode = None
             if spec.quantize == Quantize.INT8:
                 mode = _mode(spec.quantization_mode, model)
                 calib = _data.calibration(artifact_dir, meta, sig, task, spec.calibration_rows) if mode == "static" else None
                 per_channel = spec.per_channel if spec.per_channel is not None else mode == "static"
                 _onnx.quantize_int8(
-                    raw / "model.raw.onnx", staging / INT8_FILE, mode, raw, calib, sig.name, per_channel, spec.reduce_range
+                    raw / _RAW_ONNX, staging / layout.ONNX_INT8, mode, raw, calib, sig.name, per_channel, spec.reduce_range
                 )
-                files["onnx_int8"] = INT8_FILE
+                files["onnx_int8"] = layout.ONNX_INT8
         finally:
             shutil.rmtree(raw, ignore_errors=True)
 
@@ -192,10 +189,8 @@ def export_artifact(
             onnxruntime_version=onnxruntime.__version__,
             created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         )
-        (staging / REPORT_FILE).write_text(report.dumps())
-        if out.exists():
-            out.rmdir()  # checked empty above
-        os.replace(staging, out)
+        (staging / layout.EXPORT_REPORT).write_text(report.dumps())
+        storage.replace_dir(staging, out)  # `out` was checked new or empty above
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -210,16 +205,16 @@ def gate_variant(onnx_path: str | os.PathLike, artifact_dir: str | os.PathLike, 
         OnnxModelError: the file is corrupt or truncated; InputSignatureError, HoldoutDataError.
     """
     from mlplatform.export import _data, _gate, _onnx
-    from mlplatform.train import artifact as train_artifact
+    from mlplatform.train import load_model, read_metadata
 
     spec = spec or ExportSpec()
     if variant not in ("onnx_fp32", "onnx_int8"):
         raise ExportError(f"Got {variant!r} for `variant`; must be onnx_fp32 or onnx_int8.")
-    meta = train_artifact.read_metadata(artifact_dir)
+    meta = read_metadata(artifact_dir)
     sig = _data.signature(meta, str(artifact_dir))
     task = _task(meta, str(artifact_dir))
     sess = _onnx.session(onnx_path, spec.benchmark.threads)  # fails fast on a damaged file
-    model = train_artifact.load_model(artifact_dir)
+    model = load_model(artifact_dir)
     held = _data.holdout(meta, artifact_dir, sig, task, spec.holdout_path, spec.max_holdout_rows)
     _, measured = _gate.evaluate(model, {variant: sess}, held.x, held.y, task, sig.name)
     gate = spec.gates.fp32 if variant == "onnx_fp32" else spec.gates.int8

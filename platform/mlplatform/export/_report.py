@@ -6,7 +6,6 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-REPORT_FILE = "export_report.json"
 REPORT_FORMAT = 1
 
 

@@ -6,12 +6,16 @@
     fetch("digits-mlp@canary", "/tmp/model", root="/data/registry")
 
 `root` is a local path or a pyarrow URI (file://, s3://, gs://); when omitted it is
-read from MLPLATFORM_REGISTRY_ROOT. References name a version as 'name' (latest),
+read from MLPLATFORM_REGISTRY_ROOT. The index (versions, aliases, alias history) lives in the
+metadata store: SQLite at <root>/registry.db, or the PostgreSQL database that
+MLPLATFORM_METADATA_URL names (required for object-store roots). A registry from before the
+metadata store is imported once with migrate(root) (`mlplatform registry migrate`). References name a version as 'name' (latest),
 'name@3', 'name@latest' or 'name@alias'.
 """
 
 from mlplatform.registry._aliases import alias_history, list_aliases, promote, rollback, set_alias
 from mlplatform.registry._integrity import fetch, verify
+from mlplatform.registry._migrate import Migrated, migrate
 from mlplatform.registry._keys import (
     KeyProvider,
     LocalKey,
@@ -39,6 +43,7 @@ __all__ = [
     "KeyProvider",
     "Lineage",
     "LocalKey",
+    "Migrated",
     "VerifyReport",
     "Version",
     "VersionDiff",
@@ -53,6 +58,7 @@ __all__ = [
     "list_aliases",
     "list_models",
     "list_versions",
+    "migrate",
     "promote",
     "register",
     "resolve",

@@ -15,11 +15,12 @@ from dataclasses import fields
 from datetime import datetime, timezone
 from typing import Any
 
+from mlplatform._internal import artifact_layout
 from mlplatform.errors import ArtifactError, RegistryError
 
 from mlplatform.registry._records import Lineage
 
-METADATA_FILE = "metadata.json"
+METADATA_FILE = artifact_layout.METADATA
 _FIELDS = {f.name for f in fields(Lineage)}
 # Filled in by register(), never taken from the artifact or the caller.
 _DERIVED = {"source_uri", "extra"}

@@ -2,8 +2,8 @@
 
 Files are copied (and encrypted) into a private staging directory without holding any
 lock; only choosing the version number, moving the staged directory into place and
-rewriting index.json happen under the model's lock, so concurrent registrations
-serialize only on that short step.
+recording the version in the index happen in the index's transaction (which holds the
+model's row lock), so concurrent registrations serialize only on that short step.
 """
 
 from __future__ import annotations
@@ -15,11 +15,12 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from mlplatform._internal import storage
 from mlplatform.errors import ArtifactError, EncryptionKeyError, ModelNotFound, RegistryError
 
 from mlplatform.registry import _lineage
 from mlplatform.registry._crypto import ALGORITHM, CHUNK_BYTES, chunks, encrypt_chunk
-from mlplatform.registry._index import Index, read_index, update_index, version_numbers
+from mlplatform.registry._index import Index, database, read_index, refuse_unmigrated, update_index, version_numbers
 from mlplatform.registry._keys import KeyProvider, as_provider
 from mlplatform.registry._names import check_name
 from mlplatform.registry._records import Encryption, FileEntry, Version, manifest_to_json
@@ -33,7 +34,9 @@ def check_writable(root: str | os.PathLike[str] | None = None, name: str | None 
     """
     if name is not None:
         check_name(name)
-    Store(root).ensure_writable(name)
+    store = Store(root)
+    store.ensure_writable(name)
+    database(store)  # reachable, and its schema current
 
 
 def register(
@@ -87,6 +90,8 @@ def register(
             chunk_bytes=CHUNK_BYTES,
         )
     store.ensure_writable(name)
+    database(store)  # fail before copying anything if the index cannot be reached
+    refuse_unmigrated(store, name)
 
     staging = store.path(name, ".staging", staging_token())
     placed: list[int] = []  # the version number, once its directory is moved into place
@@ -128,7 +133,7 @@ def register(
 
         return update_index(store, name, commit, create=True)
     except BaseException:
-        # Not listed in index.json, so never visible; remove the bytes anyway.
+        # Not listed in the index, so never visible; remove the bytes anyway.
         if store.exists(staging):
             store.delete_quietly(staging)
         for number in placed:
@@ -138,7 +143,7 @@ def register(
 
 
 def _listed(store: Store, name: str, number: int) -> bool:
-    """Whether index.json lists the version; when unsure, say yes so nothing listed is deleted."""
+    """Whether the index lists the version; when unsure, say yes so nothing listed is deleted."""
     try:
         return number in version_numbers(read_index(store, name))
     except ModelNotFound:
@@ -151,16 +156,8 @@ def _open_artifact(artifact_dir: str | os.PathLike[str]) -> tuple[Any, str, str,
     """(filesystem, path, display uri, {relpath: size}) of a non-empty artifact directory."""
     import pyarrow.fs as pafs
 
-    text = os.fspath(artifact_dir)
-    if "://" not in text:
-        text = os.path.abspath(os.path.expanduser(text))
-    try:
-        fs, path = pafs.FileSystem.from_uri(text)
-    except Exception as e:  # pyarrow raises several types for bad or unreachable URIs
-        raise ArtifactError(
-            f"Got {os.fspath(artifact_dir)!r} for `artifact_dir`; cannot open it ({e})."
-        ) from None
-    path = path.rstrip("/") or "/"
+    text = storage.absolute(artifact_dir)
+    fs, path = storage.filesystem(text, "artifact_dir", ArtifactError)
     kind = fs.get_file_info(path).type
     if kind == pafs.FileType.NotFound:
         raise ArtifactError(

@@ -1,20 +1,13 @@
-"""The registry's storage: paths, reads, atomic writes and locking on a pyarrow filesystem.
+"""The registry's artifact storage: paths, reads and writes on a pyarrow filesystem.
 
 Layout under the root:
-    <name>/index.json                      versions, aliases, alias history (the source of truth)
-    <name>/.lock                           flock target for index updates (local roots)
+    registry.db                            the index (SQLite) unless MLPLATFORM_METADATA_URL names a database
     <name>/.staging/<token>/               a registration in progress, invisible to readers
     <name>/versions/<N>/manifest.json      sha256 + size of every file, lineage, encryption header
     <name>/versions/<N>/files/<relpath>    the artifact's files (ciphertext when encrypted)
 
-A version is visible only once index.json lists it, and index.json is written last,
-so a crash at any point leaves either the old state or the new one.
-
-Local roots (and NFS) lock each model's index with flock and replace index.json by
-rename. Object stores (s3://, gs://) have neither locks nor atomic rename: there each
-object write is atomic (readers see the old or the new index.json), but two writers
-changing the same model at the same moment can lose one update. Keep a single writer
-per model on object stores (e.g. one registration job at a time).
+A version is visible only once the index (see _index.py) lists it, and the index is written
+last, in one transaction, so a crash at any point leaves either the old state or the new one.
 """
 
 from __future__ import annotations
@@ -27,13 +20,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, BinaryIO
 
+from mlplatform._internal import storage
 from mlplatform.errors import RegistryError, RegistryNotWritable
-
-from mlplatform.registry._lock import exclusive_lock
 
 ROOT_ENV = "MLPLATFORM_REGISTRY_ROOT"
 _log = logging.getLogger(__name__)
-_warned_unlocked: set[str] = set()
 _NOT_WRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EEXIST}
 
 
@@ -50,19 +41,10 @@ class Store:
                     f"No registry root given. Pass `root` (a local path or a URI such as "
                     f"s3://bucket/registry) or set {ROOT_ENV}."
                 )
-        text = os.fspath(root)
-        if "://" not in text:  # pyarrow wants absolute local paths
-            text = os.path.abspath(os.path.expanduser(text))
-        try:
-            self.fs, self.root = pafs.FileSystem.from_uri(text)
-        except Exception as e:  # pyarrow raises several types for bad or unreachable URIs
-            raise RegistryError(
-                f"Got {os.fspath(root)!r} for `root`; pyarrow cannot open it ({e}). Use a local "
-                f"path, file://, s3:// or gs:// URI."
-            ) from None
-        self.root = self.root.rstrip("/") or "/"
+        text = storage.absolute(root)
+        self.fs, self.root = storage.filesystem(text, "root", RegistryError)
         self.local = isinstance(self.fs, pafs.LocalFileSystem)
-        scheme = text.split("://", 1)[0] if "://" in text else ""
+        scheme = text.split("://", 1)[0] if storage.is_uri(text) else ""
         self._prefix = "" if self.local or not scheme else f"{scheme}://"
         self.display = self.uri(self.root)
 
@@ -73,9 +55,6 @@ class Store:
 
     def uri(self, path: str) -> str:
         return self._prefix + path
-
-    def index_path(self, name: str) -> str:
-        return self.path(name, "index.json")
 
     def version_dir(self, name: str, number: int) -> str:
         return self.path(name, "versions", number)
@@ -160,24 +139,6 @@ class Store:
         finally:
             f.close()
 
-    def write_atomic(self, path: str, data: bytes) -> None:
-        """Replace `path` so that readers see either the old bytes or all the new ones."""
-        if not self.local:
-            # One PUT: object stores make a single object write atomic.
-            with self._writing(path), self.fs.open_output_stream(path) as f:
-                f.write(data)
-            return
-        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-        try:
-            with self.open_output(tmp) as f:
-                f.write(data)
-            with self._writing(path):
-                os.replace(tmp, path)
-                _fsync_dir(os.path.dirname(path))
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-
     def move(self, src: str, dst: str) -> None:
         with self._writing(dst):
             self.fs.create_dir(dst.rsplit("/", 1)[0], recursive=True)
@@ -189,23 +150,6 @@ class Store:
             self.fs.delete_dir(path)
         except OSError:
             _log.warning("could not remove %s; it is not visible in the registry", self.uri(path))
-
-    @contextmanager
-    def lock(self, name: str) -> Iterator[None]:
-        """Exclusive access to a model's index for one read-modify-write."""
-        if not self.local:
-            if self.display not in _warned_unlocked:
-                _warned_unlocked.add(self.display)
-                _log.warning(
-                    "registry %s is on an object store: index updates are not locked; keep one "
-                    "writer per model at a time", self.display,
-                )
-            yield
-            return
-        with self._writing(self.path(name)):
-            self.fs.create_dir(self.path(name), recursive=True)
-        with exclusive_lock(self.path(name, ".lock")):
-            yield
 
     @contextmanager
     def _writing(self, path: str) -> Iterator[None]:
@@ -222,20 +166,6 @@ class Store:
 
 def staging_token() -> str:
     return uuid.uuid4().hex
-
-
-def _fsync_dir(path: str) -> None:
-    # Makes the rename itself durable; some filesystems do not allow it, which is harmless.
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _reason(e: OSError) -> str:

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any
 
 from mlplatform import config
+from mlplatform._internal import placement, storage
 from mlplatform.errors import ModelNotDeployable, PlacementError
 from mlplatform.serve._contract import Contract
 from mlplatform.serve._keys import default_keys_dir
@@ -80,7 +80,7 @@ def _build(spec: ServeSpec):
         "contract": {"input_name": contract.input_name, "dtype": contract.dtype, "features": contract.features,
                      "max_rows": contract.max_rows, "max_payload_bytes": contract.max_payload_bytes},
         "auth": spec.auth.enabled,
-        "keys_dir": str(Path(spec.auth.keys_dir).expanduser().absolute() if spec.auth.keys_dir else default_keys_dir()),
+        "keys_dir": storage.absolute(spec.auth.keys_dir) if spec.auth.keys_dir else str(default_keys_dir()),
         "retry_after_s": ing.retry_after_s,
         "primary_timeout_s": spec.fallback.primary_timeout_s if spec.fallback else 0,
         # The fallback decision and the canary gate need fresh replica counts; otherwise they only
@@ -156,9 +156,8 @@ def _preflight(spec: ServeSpec) -> None:
     wanted.append(("ingress", spec.ingress.label_selector, spec.ingress.num_cpus, 0))
     has_fallback = bool(spec.fallback and spec.fallback.enabled)
     for role, selector, cpus, gpus in wanted:
-        fits = [n for n in nodes if n.matches(selector) and n.resources.get("CPU", 0) >= cpus
-                and n.resources.get("GPU", 0) >= gpus]
-        if fits:
+        # One replica must fit on one node; autoscaling adds the rest as room appears.
+        if placement.capacity(nodes, selector, {"CPU": cpus, "GPU": gpus}).largest >= 1:
             continue
         groups = sorted({f"{n.group} ({n.resources.get('CPU', 0):g} CPU, {n.resources.get('GPU', 0):g} GPU)" for n in nodes})
         message = (

@@ -32,7 +32,7 @@ class TorchForward:
     def __init__(self, model_dir: str | Path, settings: dict[str, Any]):
         import torch
 
-        from mlplatform.train import artifact
+        from mlplatform.train import load_model
 
         want = settings.get("device", "auto")
         if want == "cuda" and not torch.cuda.is_available():
@@ -44,7 +44,7 @@ class TorchForward:
         self.dtype = getattr(torch, settings.get("dtype", "bfloat16"))
         if self.device.type == "cpu":
             torch.set_num_threads(max(1, int(settings["num_cpus"])))
-        self.model = artifact.load_model(model_dir).to(self.device, self.dtype).eval()
+        self.model = load_model(model_dir).to(self.device, self.dtype).eval()
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         import torch

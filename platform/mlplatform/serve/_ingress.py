@@ -159,6 +159,11 @@ class Ingress:
             code = 499
             logger.info("client went away while sending the request body (%s)", e)
             return JSONResponse({"error": {"code": "client_closed", "message": str(e), "field": ""}}, status_code=499)
+        except asyncio.CancelledError:
+            # Serve's proxy cancels the request when the client disconnects; which of this and
+            # _ClientGone the ingress sees is a race. Either way it is a 499, never a 500.
+            code = 499
+            raise
         except Exception as e:  # a model failure on valid input: a real server error, reported plainly
             logger.exception("prediction failed")
             return JSONResponse({"error": {"code": "model_error", "message": f"{type(e).__name__}", "field": ""}},

@@ -10,7 +10,6 @@ The app name inside the key lets an ingress tell "a valid key of another applica
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import hashlib
 import hmac
 import json
@@ -24,6 +23,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
+from mlplatform._internal import storage
 from mlplatform.errors import ApiKeyError
 
 _PREFIX = "mlp"
@@ -56,7 +56,7 @@ class CreatedKey:
 
 def default_keys_dir() -> Path:
     """$MLPLATFORM_HOME/serve/keys (default ~/.mlplatform/serve/keys)."""
-    return Path(os.environ.get("MLPLATFORM_HOME", "~/.mlplatform")).expanduser() / "serve" / "keys"
+    return storage.home() / "serve" / "keys"
 
 
 def create_key(app: str, *, label: str = "", keys_dir: str | os.PathLike | None = None) -> CreatedKey:
@@ -169,7 +169,7 @@ class KeyChecker:
 def _path(app: str, keys_dir: str | os.PathLike | None) -> Path:
     if not _APP.match(app or ""):
         raise ApiKeyError(f"Got {app!r} for `app`; must be a Serve application name (lowercase letters, digits, '-').")
-    return Path(keys_dir).expanduser() / f"{app}.json" if keys_dir else default_keys_dir() / f"{app}.json"
+    return Path(storage.absolute(keys_dir) if keys_dir else default_keys_dir()) / f"{app}.json"
 
 
 def _digest(salt: str, secret: str) -> str:
@@ -189,27 +189,21 @@ def _read(path: Path, app: str) -> dict[str, Any]:
 
 
 def _write(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)  # readers see the old or the new file, never half of one
+    # Readers (every ingress replica) see the old or the new file, never half of one.
+    storage.write_private(path, json.dumps(data, indent=1))
 
 
 @contextmanager
 def _locked(path: Path) -> Iterator[None]:
+    """One writer of `path` at a time across processes (create and revoke read, change, write)."""
+    lock = path.with_name(f".{path.name}.lock")
     try:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = os.open(path.with_name(f".{path.name}.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        lock.touch(mode=0o600, exist_ok=True)
     except OSError as e:
         raise ApiKeyError(f"{path.parent}: cannot write key files ({e.strerror}); pass a writable `keys_dir`.") from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+    with storage.file_lock(lock):
         yield
-    finally:
-        os.close(fd)
 
 
 def _record(app: str, e: dict[str, Any]) -> KeyRecord:

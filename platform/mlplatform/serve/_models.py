@@ -18,15 +18,11 @@ from typing import Any
 import numpy as np
 from ray import serve
 
+from mlplatform._internal import artifact_layout as layout
 from mlplatform.errors import ModelNotDeployable, ServeError
-from mlplatform.export import FP32_FILE, INT8_FILE, REPORT_FILE
 from mlplatform.serve._forward import TorchForward, run_batched
-from mlplatform.train import artifact
 
 logger = logging.getLogger("ray.serve")
-
-# The files of a registered version, named where they are written (training and export).
-VARIANT_FILES = {"onnx_int8": INT8_FILE, "onnx_fp32": FP32_FILE, "torch": artifact.WEIGHTS}
 
 
 def _rows(items: list[np.ndarray]) -> int:
@@ -37,7 +33,7 @@ def deployable_variants(report: dict[str, Any]) -> dict[str, tuple[str, bool]]:
     """variant → (file, deployable) from an export_report.json (list or mapping form)."""
     raw = report.get("variants") or []
     items = raw.items() if isinstance(raw, dict) else ((v.get("variant"), v) for v in raw)
-    return {name: (v.get("file", VARIANT_FILES.get(name, "")), bool(v.get("deployable"))) for name, v in items if name}
+    return {name: (v.get("file", layout.VARIANT_FILES.get(name, "")), bool(v.get("deployable"))) for name, v in items if name}
 
 
 def check_variant(files: dict[str, Any], report: dict[str, Any] | None, variant: str, ref: str, where: str) -> str:
@@ -53,18 +49,18 @@ def check_variant(files: dict[str, Any], report: dict[str, Any] | None, variant:
             if not ok:
                 raise ModelNotDeployable(
                     f"Got {variant!r} for `{where}.variant`; {ref}'s export gate marked it NOT deployable "
-                    f"(see {REPORT_FILE}). Serve another variant ({sorted(k for k, (_, d) in gated.items() if d)}) "
+                    f"(see {layout.EXPORT_REPORT}). Serve another variant ({sorted(k for k, (_, d) in gated.items() if d)}) "
                     f"or re-export with a gate it passes."
                 )
-        elif report is not None or variant not in VARIANT_FILES:
+        elif report is not None or variant not in layout.VARIANT_FILES:
             raise ModelNotDeployable(
                 f"Got {variant!r} for `{where}.variant`; {ref} has no such exported variant "
                 f"(has {sorted(gated) or 'none'}). Run `mlplatform export --model {ref}` first."
             )
         else:
-            file = VARIANT_FILES[variant]
+            file = layout.VARIANT_FILES[variant]
     else:
-        file = VARIANT_FILES["torch"]
+        file = layout.VARIANT_FILES["torch"]
     if file not in files:
         raise ModelNotDeployable(
             f"Got {variant!r} for `{where}.variant`; {ref} has no file {file!r} (files: {sorted(files)})."
@@ -83,13 +79,13 @@ class _Model:
         self.dir = self._work / "version"
         registry.fetch(settings["ref"], self.dir, root=settings["root"])  # verifies every hash
         files = {p.name: p for p in self.dir.iterdir()}
-        report = json.loads((self.dir / REPORT_FILE).read_text()) if REPORT_FILE in files else None
+        report = json.loads((self.dir / layout.EXPORT_REPORT).read_text()) if layout.EXPORT_REPORT in files else None
         self.file = check_variant(files, report, settings["variant"], settings["ref"], settings["role"])
-        meta = json.loads((self.dir / artifact.METADATA).read_text()) if artifact.METADATA in files else {}
+        meta = json.loads((self.dir / layout.METADATA).read_text()) if layout.METADATA in files else {}
         self.task = meta.get("task", "")
         self.input_name = ((meta.get("input_signature") or {}).get("names") or ["input"])[0]
         self._tags = {"app": settings["app"], "deployment": settings["role"], "version": settings["ref"]}
-        self._drift = self._drift_monitor(meta) if settings.get("drift_enabled") and artifact.SAMPLE in files else None
+        self._drift = self._drift_monitor(meta) if settings.get("drift_enabled") and layout.SAMPLE in files else None
         self._batched.set_max_batch_size(settings["max_batch_size"])
         self._batched.set_batch_wait_timeout_s(settings["batch_wait_timeout_s"])
 
@@ -98,10 +94,8 @@ class _Model:
 
         from mlplatform.serve._drift import DriftMonitor
 
-        table = pq.read_table(self.dir / artifact.SAMPLE)
-        cols = (meta.get("input_signature") or {}).get("feature_columns") or [
-            c for c in table.column_names if c != (meta.get("spec", {}).get("dataset", {}) or {}).get("label_column", "label")
-        ]
+        table = pq.read_table(self.dir / layout.SAMPLE)
+        cols = layout.metadata_features(meta, table.column_names)
         self.features = cols
         ref = np.column_stack([table.column(c).to_numpy() for c in cols]).astype(np.float64)
         return DriftMonitor(ref, self.s["drift_window_rows"])

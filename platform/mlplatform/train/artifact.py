@@ -1,11 +1,9 @@
 """The final artifact: what the model registry takes as is, and the loader that rebuilds the model.
 
-Layout of an artifact directory:
-
-    model.safetensors         consolidated fp32 weights (every parameter and buffer)
-    metadata.json             model_ref, model_kwargs, spec, metrics, dataset_fingerprint,
-                              input_signature, output_signature, created_at, ray_job_id, ...
-    reference_sample.parquet  the first training inputs (raw columns), the drift reference
+An artifact directory holds WEIGHTS (consolidated fp32 weights, every parameter and buffer),
+METADATA (model_ref, model_kwargs, spec, metrics, dataset_fingerprint, input_signature,
+output_signature, created_at, ray_job_id, ...) and SAMPLE (the first training inputs, the
+drift reference); mlplatform._internal.artifact_layout names them.
 """
 
 from __future__ import annotations
@@ -13,17 +11,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
-import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from mlplatform._internal import storage
+from mlplatform._internal.artifact_layout import METADATA, SAMPLE, WEIGHTS
 from mlplatform.errors import TrainArtifactError as ArtifactError
-
-WEIGHTS = "model.safetensors"
-METADATA = "metadata.json"
-SAMPLE = "reference_sample.parquet"
 
 
 def load_model(artifact_dir: str | os.PathLike):
@@ -69,21 +63,13 @@ def write_artifact(target: str, weights_file: str, metadata: dict[str, Any], sam
     import pyarrow.parquet as pq
 
     target_path = Path(target)
-    target_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target_path.name}.", dir=target_path.parent))
+    tmp = storage.staging_dir(target_path)
     try:
         shutil.copyfile(weights_file, tmp / WEIGHTS)
         pq.write_table(sample_table, tmp / SAMPLE)
         meta = {**metadata, "created_at": datetime.now(timezone.utc).isoformat()}
         (tmp / METADATA).write_text(json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n")
-        if target_path.exists():
-            # Keep the previous artifact until the new one is in place.
-            old = target_path.with_name(f".{target_path.name}.old-{uuid.uuid4().hex[:8]}")
-            os.replace(target_path, old)
-            os.replace(tmp, target_path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target_path)
+        storage.replace_dir(tmp, target_path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import hashlib
 import os
-import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mlplatform._internal import artifact_layout as layout
+from mlplatform._internal import storage
+from mlplatform.errors import PreflightError
 from mlplatform.train.spec import Task, TrainSpec
 
 if TYPE_CHECKING:
@@ -63,12 +65,13 @@ def resolve_paths(spec: TrainSpec, data_root: str) -> DataPaths:
 
 def fingerprint(paths: DataPaths) -> str:
     """sha256 over the content of every Parquet file the run reads, in a fixed order."""
-    from mlplatform.train.preflight import storage_filesystem
+    import pyarrow.fs as pafs
 
     digest = hashlib.sha256()
-    for path in [paths.train] + ([paths.validation] if paths.validation else []):
-        fs, root = storage_filesystem(path)
-        import pyarrow.fs as pafs
+    for field, path in (("dataset.path", paths.train), ("dataset.validation_path", paths.validation)):
+        if path is None:
+            continue
+        fs, root = storage.filesystem(path, field, PreflightError)
 
         info = fs.get_file_info(root)
         files = (
@@ -133,16 +136,14 @@ def reference_sample(spec: TrainSpec, paths: DataPaths):
     """The first SAMPLE_ROWS training rows as an Arrow table (raw input columns), for drift checks."""
     import pyarrow.dataset as pads
 
-    from mlplatform.train.preflight import storage_filesystem
-
-    fs, inner = storage_filesystem(paths.train)
+    fs, inner = storage.filesystem(paths.train, "dataset.path", PreflightError)
     table = pads.dataset(inner, format="parquet", filesystem=fs).head(SAMPLE_ROWS)
     columns = [spec.dataset.text_column] if spec.task == Task.CAUSAL_LM else feature_columns(spec, table.schema.names)
     return table.select(columns)
 
 
 def feature_columns(spec: TrainSpec, names: list[str]) -> list[str]:
-    return spec.dataset.feature_columns or [n for n in names if n != spec.dataset.label_column]
+    return layout.feature_columns(spec.dataset.feature_columns, names, spec.dataset.label_column)
 
 
 def to_arrays(spec: TrainSpec, columns: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -162,13 +163,10 @@ class _Preprocess:
         import numpy as np
 
         if self.task == Task.CAUSAL_LM:
-            # Documents joined by a blank line, cut into blocks of seq_len + 1 (inputs + shifted targets).
-            data = np.frombuffer("\n\n".join(str(t) for t in batch[self.ds.text_column]).encode("utf-8"), np.uint8)
-            block = self.ds.seq_len + 1
-            n = len(data) // block
-            tokens = data[: n * block].reshape(n, block).astype(np.int64)
+            # Blocks of seq_len + 1 tokens: inputs and the targets shifted by one.
+            tokens = layout.token_blocks(batch[self.ds.text_column], self.ds.seq_len + 1)
             return {"x": tokens[:, :-1], "y": tokens[:, 1:]}
-        cols = self.ds.feature_columns or [c for c in batch if c != self.ds.label_column]
+        cols = layout.feature_columns(self.ds.feature_columns, batch, self.ds.label_column)
         x = np.stack([np.asarray(batch[c], dtype=np.float32) for c in cols], axis=1)
         y = np.asarray(batch[self.ds.label_column])
         y = y.astype(np.int64) if self.task == Task.CLASSIFICATION else y.astype(np.float32)
@@ -219,10 +217,9 @@ def shard_to_arrays(iterator) -> tuple[np.ndarray, np.ndarray]:
 def _write_atomic(table, target: Path) -> None:
     import pyarrow.parquet as pq
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}")
-    pq.write_table(table, tmp)
-    os.replace(tmp, target)  # concurrent writers produce identical files; the last rename wins
+    # Concurrent writers produce identical files; the last rename wins.
+    with storage.atomic_path(target) as tmp:
+        pq.write_table(table, tmp)
 
 
 def _write_digits(target: Path, split: str) -> None:

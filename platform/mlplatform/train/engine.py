@@ -209,7 +209,7 @@ def facts(engine) -> dict[str, Any]:
 def save_checkpoint(run, directory: str, step: int, rank: int, spec=None) -> None:
     """DeepSpeed's sharded checkpoint plus this rank's RNG state into `directory`.
 
-    With `spec`, also the consolidated fp32 weights (artifact.WEIGHTS): the final checkpoint.
+    With `spec`, also the consolidated fp32 weights (artifact_layout.WEIGHTS): the final checkpoint.
     """
     import torch
 
@@ -268,7 +268,8 @@ def _save_consolidated(engine, spec, kwargs, out_dir: str, rank: int) -> None:
     import torch
     from deepspeed.utils import safe_get_full_fp32_param
 
-    from mlplatform.train import artifact, models
+    from mlplatform._internal import artifact_layout
+    from mlplatform.train import models
 
     full: dict[str, torch.Tensor] = {}
     for name, param in engine.module.named_parameters():
@@ -293,7 +294,7 @@ def _save_consolidated(engine, spec, kwargs, out_dir: str, rank: int) -> None:
         leftover = set(missing.missing_keys) - tied
         if leftover:
             raise RuntimeError(f"consolidated weights lack {sorted(leftover)}")
-    save_model(model, os.path.join(out_dir, artifact.WEIGHTS))
+    save_model(model, os.path.join(out_dir, artifact_layout.WEIGHTS))
 
 
 def _optimizer(spec, model):

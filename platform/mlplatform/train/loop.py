@@ -15,23 +15,84 @@ import os
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from typing import Any
+
+from mlplatform._internal import storage
+from mlplatform.errors import PreflightError
+from mlplatform.train import checkpoints, data, engine
+from mlplatform.train.spec import Task, TrainSpec
+
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point; `config` is plain data built by mlplatform.train.trainer."""
+    started = time.perf_counter()
+    spec = TrainSpec.model_validate(config["spec"])
+    worker = _join(spec, config["precision"])
+    shard = _shard(spec)
+    run = engine.build(spec, config["deepspeed"], config["precision"], shard.total_steps)
+    store = _Storage.of(spec)
+    start_step = _resume(run, store, worker.rank, shard.total_steps)
+    _log(worker.rank, f"ready to train after {time.perf_counter() - started:.1f} s (data shard, DeepSpeed engine, resume)")
+    _train(spec, config.get("step_log"), worker, shard, run, store, start_step, started)
+    if start_step >= shard.total_steps:
+        _log(worker.rank, "nothing left to train: the checkpoint is at the last step")
+
+
+@dataclass(frozen=True)
+class _Worker:
+    """This worker's place in the run: rank, world size, device, and torch.distributed."""
+
+    rank: int
+    world: int
+    device: Any
+    dist: Any
+
+
+@dataclass(frozen=True)
+class _Shard:
+    """This worker's deterministic data shard, in memory, and the run's step counts."""
+
+    x_train: Any
+    y_train: Any
+    x_val: Any
+    y_val: Any
+    steps_per_epoch: int
+    total_steps: int
+
+
+@dataclass(frozen=True)
+class _Storage:
+    """Where the run's checkpoints are: the filesystem and <storage_path>/<name>."""
+
+    fs: Any
+    run_dir: str
+
+    @classmethod
+    def of(cls, spec: TrainSpec) -> _Storage:
+        fs, root = storage.filesystem(spec.storage_path, "storage_path", PreflightError)
+        return cls(fs, f"{root.rstrip('/')}/{spec.name}")
+
+
+@dataclass
+class _Window:
+    """What the steps since the last report add up to."""
+
+    start: float = field(default_factory=time.perf_counter)
+    samples: int = 0
+    loss: float = 0.0
+    steps: int = 0
+
+
+# ---- setup: device, threads, the process group DeepSpeed joins
+
+
+def _join(spec: TrainSpec, precision: str) -> _Worker:
     import deepspeed
     import ray.train
     import torch
 
-    from mlplatform.train import checkpoints, data, engine
-    from mlplatform.train.preflight import storage_filesystem
-    from mlplatform.train.spec import Task, TrainSpec
-
-    started = time.perf_counter()
-    spec = TrainSpec.model_validate(config["spec"])
-    precision = config["precision"]
     ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
     if spec.use_gpu:
         device = ray.train.torch.get_device()
         torch.cuda.set_device(device)
@@ -41,9 +102,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         # One worker per reserved CPU: more threads than that only contend.
         torch.set_num_threads(max(1, int(spec.cpus_per_worker)))
     deepspeed.init_distributed(dist_backend="nccl" if spec.use_gpu else "gloo", dist_init_required=False)
-    dist = torch.distributed
+    return _Worker(ctx.get_world_rank(), ctx.get_world_size(), device, torch.distributed)
 
-    # ---- data: this worker's deterministic shard, in memory
+
+# ---- data: this worker's deterministic shard, in memory
+
+
+def _shard(spec: TrainSpec) -> _Shard:
+    import ray.train
+
     x_train, y_train = data.shard_to_arrays(ray.train.get_dataset_shard("train"))
     x_val, y_val = data.shard_to_arrays(ray.train.get_dataset_shard("validation"))
     micro, accum = spec.micro_batch_size, spec.accum_steps
@@ -54,94 +121,115 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             f"{micro * accum}; lower global_batch_size or num_workers, or add data"
         )
     total_steps = int(min(spec.max_steps or math.inf, (spec.epochs or math.inf) * steps_per_epoch))
+    return _Shard(x_train, y_train, x_val, y_val, steps_per_epoch, total_steps)
 
-    # ---- model, optimizer, schedule
-    run = engine.build(spec, config["deepspeed"], precision, total_steps)
-    batches = engine.Batches(x_train, y_train, micro, spec.seed, rank, device, run.in_dtype)
+
+# ---- resume: the newest complete checkpoint on storage, registered by Ray Train or not
+
+
+def _resume(run, store: _Storage, rank: int, total_steps: int) -> int:
+    """Restore the newest checkpoint into `run`; the step it was taken at (0: none)."""
+    import ray.train
+
+    newest = checkpoints.newest_complete(store.fs, store.run_dir)
+    checkpoint = ray.train.Checkpoint(newest.path, filesystem=store.fs) if newest else ray.train.get_checkpoint()
+    if not checkpoint:
+        return 0
+    with checkpoint.as_directory() as ckpt_dir:
+        start_step = engine.load_checkpoint(run, ckpt_dir, rank)
+    _log(rank, f"resumed from the checkpoint of step {start_step}/{total_steps} ({checkpoint.path})")
+    return start_step
+
+
+# ---- train
+
+
+def _train(spec: TrainSpec, step_log: str | None, worker: _Worker, shard: _Shard, run, store: _Storage,
+           start_step: int, started: float) -> None:
+    micro, accum = spec.micro_batch_size, spec.accum_steps
+    batches = engine.Batches(shard.x_train, shard.y_train, micro, spec.seed, worker.rank, worker.device, run.in_dtype)
     loss_of = engine.loss_function(spec.task)
-
-    # ---- resume: the newest complete checkpoint on storage, registered by Ray Train or not
-    fs, root = storage_filesystem(spec.storage_path)
-    run_dir = f"{root.rstrip('/')}/{spec.name}"
-    newest = checkpoints.newest_complete(fs, run_dir)
-    checkpoint = ray.train.Checkpoint(newest.path, filesystem=fs) if newest else ray.train.get_checkpoint()
-    start_step = 0
-    if checkpoint:
-        with checkpoint.as_directory() as ckpt_dir:
-            start_step = engine.load_checkpoint(run, ckpt_dir, rank)
-        _log(rank, f"resumed from the checkpoint of step {start_step}/{total_steps} ({checkpoint.path})")
-
-    _log(rank, f"ready to train after {time.perf_counter() - started:.1f} s (data shard, DeepSpeed engine, resume)")
-    step_log = config.get("step_log")
-    gauges = _Gauges(spec.name, rank)
-
-    # ---- train
-    units_per_sample = spec.dataset.seq_len if spec.task == Task.CAUSAL_LM else 1
-    window_start, window_samples, window_loss, window_steps = time.perf_counter(), 0, 0.0, 0
+    gauges = _Gauges(spec.name, worker.rank)
+    window = _Window()
     run.engine.train()
     step = start_step
-    while step < total_steps:
-        epoch, within = divmod(step, steps_per_epoch)
+    while step < shard.total_steps:
+        epoch, within = divmod(step, shard.steps_per_epoch)
         step_loss = engine.train_step(
             run.engine, (batches.get(epoch, within * accum + m) for m in range(accum)), loss_of
         )
         step += 1
-        window_loss += step_loss
-        window_steps += 1
-        window_samples += micro * accum * world
-        if step_log and rank == 0:
+        window.loss += step_loss
+        window.steps += 1
+        window.samples += micro * accum * worker.world
+        if step_log and worker.rank == 0:
             with open(step_log, "a") as f:
                 f.write(f"{step} {os.getpid()} {time.time():.6f}\n")
-        end_of_epoch = step % steps_per_epoch == 0 or step == total_steps
-        ckpt_due = step % spec.checkpoint.every_n_steps == 0 or step == total_steps
+        end_of_epoch = step % shard.steps_per_epoch == 0 or step == shard.total_steps
+        ckpt_due = step % spec.checkpoint.every_n_steps == 0 or step == shard.total_steps
         log_due = step % spec.log_every_n_steps == 0
         if not (end_of_epoch or ckpt_due or log_due):
             continue
-
-        # ---- report: metrics every window, held-out metrics per epoch, checkpoints
-        elapsed = time.perf_counter() - window_start
-        peaks = [round(float(v), 1) for v in _all_gather(dist, engine.peak_memory_mb(device), world)]
-        metrics: dict[str, Any] = {
-            "step": step,
-            "total_steps": total_steps,
-            "epoch": epoch + (1 if step % steps_per_epoch == 0 else 0),
-            "progress": round(step / total_steps, 4),
-            "loss": window_loss / max(1, window_steps),
-            "lr": run.scheduler.get_last_lr()[0],
-            "samples_per_s": window_samples / elapsed if elapsed > 0 else 0.0,
-            "peak_memory_mb_per_worker": peaks,
-            "peak_memory_mb_max": max(peaks),
-            "resumed_from_step": start_step,
-            # What DeepSpeed runs on each rank, read from its engine (stage, precision, loss
-            # scale, offload, partition sizes): the record of the run, not a copy of the plan.
-            "engine": _all_gather(dist, engine.facts(run.engine), world),
-        }
-        if spec.task == Task.CAUSAL_LM:
-            metrics["tokens_per_s"] = metrics["samples_per_s"] * units_per_sample
-        gauges.record(metrics, peaks[rank])
+        metrics = _metrics(spec, run, worker, shard, step, epoch, start_step, window)
+        gauges.record(metrics, metrics["peak_memory_mb_per_worker"][worker.rank])
         if end_of_epoch:
-            metrics.update(engine.evaluate(run.engine, spec.task, x_val, y_val, device, run.in_dtype, dist))
-        # ray.train.report is a barrier over all workers and a round trip to the controller,
-        # so it runs per epoch and per checkpoint; per-step progress goes to the job log and
-        # to Ray's metrics (dashboard) without synchronizing.
-        if ckpt_due:
-            with tempfile.TemporaryDirectory(prefix="mlplatform-ckpt-") as tmp:
-                engine.save_checkpoint(run, tmp, step, rank, spec if step == total_steps else None)
-                ray.train.report(
-                    metrics,
-                    checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                    checkpoint_dir_name=checkpoints.dir_name(step),
-                )
-            dist.barrier()  # every rank's files are on storage: the manifest goes last
-            if rank == 0:
-                checkpoints.mark_complete(fs, f"{run_dir}/{checkpoints.dir_name(step)}", step, world)
-        elif end_of_epoch:
-            ray.train.report(metrics)
-        if rank == 0:
-            _log(rank, _progress_line(metrics, spec.task) + f" [{time.perf_counter() - started:.1f} s]")
-        window_start, window_samples, window_loss, window_steps = time.perf_counter(), 0, 0.0, 0
-    if start_step >= total_steps:
-        _log(rank, "nothing left to train: the checkpoint is at the last step")
+            metrics.update(engine.evaluate(
+                run.engine, spec.task, shard.x_val, shard.y_val, worker.device, run.in_dtype, worker.dist
+            ))
+        _report(spec, run, worker, store, step, shard.total_steps, metrics, ckpt_due, end_of_epoch)
+        if worker.rank == 0:
+            _log(worker.rank, _progress_line(metrics, spec.task) + f" [{time.perf_counter() - started:.1f} s]")
+        window = _Window()
+
+
+# ---- report: metrics every window, held-out metrics per epoch, checkpoints
+
+
+def _metrics(spec: TrainSpec, run, worker: _Worker, shard: _Shard, step: int, epoch: int, start_step: int,
+             window: _Window) -> dict[str, Any]:
+    """The window's training metrics, gathered from every rank (a collective: all ranks call it)."""
+    elapsed = time.perf_counter() - window.start
+    peaks = [round(float(v), 1) for v in _all_gather(worker.dist, engine.peak_memory_mb(worker.device), worker.world)]
+    metrics: dict[str, Any] = {
+        "step": step,
+        "total_steps": shard.total_steps,
+        "epoch": epoch + (1 if step % shard.steps_per_epoch == 0 else 0),
+        "progress": round(step / shard.total_steps, 4),
+        "loss": window.loss / max(1, window.steps),
+        "lr": run.scheduler.get_last_lr()[0],
+        "samples_per_s": window.samples / elapsed if elapsed > 0 else 0.0,
+        "peak_memory_mb_per_worker": peaks,
+        "peak_memory_mb_max": max(peaks),
+        "resumed_from_step": start_step,
+        # What DeepSpeed runs on each rank, read from its engine (stage, precision, loss
+        # scale, offload, partition sizes): the record of the run, not a copy of the plan.
+        "engine": _all_gather(worker.dist, engine.facts(run.engine), worker.world),
+    }
+    if spec.task == Task.CAUSAL_LM:
+        metrics["tokens_per_s"] = metrics["samples_per_s"] * spec.dataset.seq_len
+    return metrics
+
+
+def _report(spec: TrainSpec, run, worker: _Worker, store: _Storage, step: int, total_steps: int,
+            metrics: dict[str, Any], ckpt_due: bool, end_of_epoch: bool) -> None:
+    # ray.train.report is a barrier over all workers and a round trip to the controller,
+    # so it runs per epoch and per checkpoint; per-step progress goes to the job log and
+    # to Ray's metrics (dashboard) without synchronizing.
+    import ray.train
+
+    if ckpt_due:
+        with tempfile.TemporaryDirectory(prefix="mlplatform-ckpt-") as tmp:
+            engine.save_checkpoint(run, tmp, step, worker.rank, spec if step == total_steps else None)
+            ray.train.report(
+                metrics,
+                checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                checkpoint_dir_name=checkpoints.dir_name(step),
+            )
+        worker.dist.barrier()  # every rank's files are on storage: the manifest goes last
+        if worker.rank == 0:
+            checkpoints.mark_complete(store.fs, f"{store.run_dir}/{checkpoints.dir_name(step)}", step, worker.world)
+    elif end_of_epoch:
+        ray.train.report(metrics)
 
 
 # ---------------------------------------------------------------- helpers

@@ -13,11 +13,12 @@ import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from mlplatform._internal.artifact_layout import VOCAB_SIZE
 from mlplatform.errors import SpecError
 
 DIGITS_MLP_DEFAULTS: dict[str, Any] = {"in_features": 64, "hidden": [128, 64], "num_classes": 10, "dropout": 0.0}
 GPT_DEFAULTS: dict[str, Any] = {
-    "vocab_size": 256,  # byte-level tokens: no tokenizer to download
+    "vocab_size": VOCAB_SIZE,  # byte-level tokens: no tokenizer to download
     "seq_len": 64,
     "d_model": 128,
     "n_layer": 5,

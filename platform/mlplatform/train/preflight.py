@@ -6,11 +6,11 @@ no node satisfies pending forever, so capacity is checked here against the live 
 
 from __future__ import annotations
 
-import math
 import uuid
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from mlplatform._internal import placement, storage
 from mlplatform.errors import PreflightError, SpecError
 from mlplatform.train import models
 from mlplatform.train.spec import Task, TrainSpec
@@ -88,7 +88,7 @@ def check_dataset(spec: TrainSpec) -> None:
 
 def check_storage(spec: TrainSpec) -> None:
     """The storage path can be created and written (a probe file is written and removed)."""
-    fs, root = storage_filesystem(spec.storage_path)
+    fs, root = storage.filesystem(spec.storage_path, "storage_path", PreflightError)
     probe = f"{root.rstrip('/')}/{spec.name}/.mlplatform-probe-{uuid.uuid4().hex}"
     try:
         fs.create_dir(f"{root.rstrip('/')}/{spec.name}", recursive=True)
@@ -109,10 +109,10 @@ def check_capacity(spec: TrainSpec, nodes: Sequence[Node]) -> None:
     if spec.use_gpu:
         need.setdefault("GPU", 1.0)
     need.setdefault("CPU", 1.0)
-    matching = [n for n in nodes if n.alive and n.matches(selector)]
-    fit = sum(_workers_per_node(n.resources, need) for n in matching)
-    if fit >= spec.num_workers:
+    room = placement.capacity(nodes, selector, need)
+    if room.total >= spec.num_workers:
         return
+    fit, matching = room.total, room.matching
     where = f"nodes matching {selector}" if selector else "the cluster's nodes"
     if not matching:
         groups = sorted({f"{n.group or '?'} ({dict(n.labels)})" for n in nodes if n.alive})
@@ -129,23 +129,6 @@ def check_capacity(spec: TrainSpec, nodes: Sequence[Node]) -> None:
     )
 
 
-def storage_filesystem(storage_path: str):
-    """(pyarrow filesystem, path within it) for a local path or a URI."""
-    import pyarrow.fs as pafs
-
-    if "://" in storage_path:
-        try:
-            return pafs.FileSystem.from_uri(storage_path)
-        except (pa_errors() + (ValueError,)) as e:
-            raise PreflightError(
-                f"Got {storage_path!r} for `storage_path`; pyarrow cannot open it ({e}). Use a local path or a "
-                "supported URI (file://, s3://, gs://, hdfs://)."
-            ) from None
-    from pathlib import Path
-
-    return pafs.LocalFileSystem(), str(Path(storage_path).expanduser().absolute())
-
-
 def pa_errors() -> tuple[type[BaseException], ...]:
     import pyarrow as pa
 
@@ -156,7 +139,7 @@ def _parquet_schema(field: str, path: str):
     import pyarrow.dataset as pads
     import pyarrow.fs as pafs
 
-    fs, inner = storage_filesystem(path) if "://" in path else (pafs.LocalFileSystem(), path)
+    fs, inner = storage.filesystem(path, field, PreflightError)
     try:
         info = fs.get_file_info(inner)
     except pa_errors() as e:
@@ -178,11 +161,6 @@ def _numeric(t) -> bool:
     import pyarrow.types as pat
 
     return pat.is_integer(t) or pat.is_floating(t) or pat.is_boolean(t) or pat.is_decimal(t)
-
-
-def _workers_per_node(resources, need: dict[str, float]) -> int:
-    counts = [math.floor(resources.get(k, 0.0) / v + 1e-9) for k, v in need.items() if v > 0]
-    return min(counts) if counts else 0
 
 
 __all__ = ["SpecError", "check_capacity", "check_dataset", "check_model", "check_storage", "preflight"]

@@ -15,14 +15,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mlplatform._internal import artifact_layout as layout
+from mlplatform._internal import storage as _storage
 from mlplatform.errors import PreflightError, TrainingFailed
 from mlplatform.train import artifact as _artifact
 from mlplatform.train import checkpoints
 from mlplatform.train import data as _data
 from mlplatform.train.loop import train_loop_per_worker
 from mlplatform.train.plan import Plan, plan
-from mlplatform.train.preflight import preflight, storage_filesystem
-from mlplatform.train.spec import Task, TrainSpec
+from mlplatform.train.preflight import preflight
+from mlplatform.train.spec import TrainSpec
 
 
 @dataclass(frozen=True)
@@ -73,8 +75,8 @@ def train(spec: TrainSpec) -> TrainResult:
     preflight(spec)
     clock.done("plan and preflight")
 
-    fs, root = storage_filesystem(spec.storage_path)
-    if "://" in spec.storage_path:
+    fs, root = _run_storage(spec)
+    if _storage.is_uri(spec.storage_path):
         data_root = os.path.join(tempfile.gettempdir(), "mlplatform", "datasets")
     else:
         data_root = os.path.join(root, "datasets")
@@ -95,10 +97,10 @@ def train(spec: TrainSpec) -> TrainResult:
     if final is None:
         raise TrainingFailed(f"{spec.name}: the run ended without a checkpoint; see the job logs.")
     with final.as_directory() as ckpt_dir:
-        weights = Path(ckpt_dir) / _artifact.WEIGHTS
+        weights = Path(ckpt_dir) / layout.WEIGHTS
         if not weights.is_file():
             raise TrainingFailed(
-                f"{spec.name}: the last checkpoint ({final.path}) has no {_artifact.WEIGHTS}; the run stopped "
+                f"{spec.name}: the last checkpoint ({final.path}) has no {layout.WEIGHTS}; the run stopped "
                 "before its final step. Submit the same spec again to resume."
             )
         artifact_dir = _write_artifact(spec, the_plan, paths, fingerprint, datasets, str(weights), metrics, root)
@@ -121,14 +123,13 @@ def _fit(spec: TrainSpec, the_plan: Plan, datasets):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    storage = spec.storage_path if "://" in spec.storage_path else str(Path(spec.storage_path).expanduser().absolute())
-    run_dir = storage_filesystem(spec.storage_path)[1].rstrip("/") + "/" + spec.name
+    run_dir = _run_storage(spec)[1].rstrip("/") + "/" + spec.name
     loop_config = {
         "spec": spec.model_dump(mode="json"),
         "deepspeed": the_plan.deepspeed_config(),
         "precision": the_plan.precision.value,
         # Rank 0 appends "step pid unix_time" per optimizer step: an audit of what each attempt ran.
-        "step_log": None if "://" in spec.storage_path else f"{run_dir}/steps.log",
+        "step_log": None if _storage.is_uri(spec.storage_path) else f"{run_dir}/steps.log",
     }
     selector = spec.placement.selector()
     resources = dict(spec.resources_per_worker)
@@ -146,7 +147,7 @@ def _fit(spec: TrainSpec, the_plan: Plan, datasets):
         ),
         run_config=RunConfig(
             name=spec.name,
-            storage_path=storage,
+            storage_path=_storage.absolute(spec.storage_path),
             checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoint.keep_last),
             failure_config=FailureConfig(max_failures=spec.max_failures),
         ),
@@ -178,13 +179,7 @@ def _write_artifact(spec, the_plan, paths, fingerprint, datasets, weights, train
     x_val, y_val = np.concatenate(xs), np.concatenate(ys)
 
     sample = _data.reference_sample(spec, paths)
-    if spec.task == Task.CAUSAL_LM:
-        signature = {"names": ["input_ids"], "dtypes": ["int64"], "shapes": [[-1, spec.dataset.seq_len]]}
-        output = {"names": ["logits"], "dtypes": ["float32"], "shapes": [[-1, spec.dataset.seq_len, -1]]}
-    else:
-        columns = sample.schema.names
-        signature = {"names": ["input"], "dtypes": ["float32"], "shapes": [[-1, len(columns)]], "feature_columns": columns}
-        output = {"names": ["output"], "dtypes": ["float32"], "shapes": [[-1, -1]]}
+    signature, output = layout.input_signature(spec.task.value, spec.dataset.seq_len, sample.schema.names)
 
     metadata: dict[str, Any] = {
         "model_ref": spec.model.ref,
@@ -207,7 +202,7 @@ def _write_artifact(spec, the_plan, paths, fingerprint, datasets, weights, train
         },
         "ray_job_id": os.environ.get("RAY_JOB_SUBMISSION_ID") or _ray_job_id(),
     }
-    target = f"{root.rstrip('/')}/{spec.name}/artifact" if "://" not in spec.storage_path else None
+    target = None if _storage.is_uri(spec.storage_path) else f"{root.rstrip('/')}/{spec.name}/artifact"
     local = target or tempfile.mkdtemp(prefix="mlplatform-artifact-")
     # The metrics recorded are those of the consolidated fp32 weights on the held-out data:
     # what load_model() on the artifact reproduces.
@@ -219,12 +214,17 @@ def _write_artifact(spec, the_plan, paths, fingerprint, datasets, weights, train
     if target is None:
         import pyarrow.fs as pafs
 
-        fs, inner = storage_filesystem(spec.storage_path)
+        fs, inner = _run_storage(spec)
         dest = f"{inner.rstrip('/')}/{spec.name}/artifact"
         fs.create_dir(dest, recursive=True)
         pafs.copy_files(local, dest, destination_filesystem=fs)
         return f"{spec.storage_path.rstrip('/')}/{spec.name}/artifact"
     return local
+
+
+def _run_storage(spec: TrainSpec):
+    """(pyarrow filesystem, root path) of the spec's `storage_path`."""
+    return _storage.filesystem(spec.storage_path, "storage_path", PreflightError)
 
 
 class _Phases:
