@@ -31,6 +31,21 @@ def with_free_ports(spec):
     return spec.model_copy(update={"ports": ports})
 
 
+def run_together(target, args: list[tuple], timeout_s: float = 120) -> None:
+    """Run `target(*a, barrier)` in one spawned process per `a`, released together by the barrier
+    so their work really overlaps; every process must exit 0."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    barrier = ctx.Barrier(len(args))
+    procs = [ctx.Process(target=target, args=(*a, barrier)) for a in args]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=timeout_s)
+    assert [p.exitcode for p in procs] == [0] * len(procs)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     gpu_items = [item for item in items if "gpu" in item.keywords]
     if not gpu_items:

@@ -7,6 +7,7 @@ validation answer without importing Ray or torch.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -83,12 +84,13 @@ def _cluster_token(a: argparse.Namespace) -> None:
 def _cluster_render(a: argparse.Namespace) -> None:
     import yaml
 
-    from mlplatform import cluster, config
+    from mlplatform import cluster, config, residency
     from mlplatform.cluster.kuberay import render_raycluster
 
     spec = config.load(a.config, cluster.ClusterSpec)
+    policy = residency.for_cluster_spec(spec, a.config)
     print(f"# Rendered from {a.config} by `mlplatform cluster render-kuberay`; edit the spec, not this file.")
-    print(yaml.safe_dump(render_raycluster(spec, a.image), sort_keys=False), end="")
+    print(yaml.safe_dump(render_raycluster(spec, a.image, policy), sort_keys=False), end="")
 
 
 def _export(a: argparse.Namespace) -> int:
@@ -260,6 +262,67 @@ def _registry_migrate(a: argparse.Namespace) -> None:
     ]))
 
 
+def _residency_policy(name: str | None):
+    """The policy the running cluster holds (its GCS), not the file it was started from."""
+    from mlplatform import residency
+    from mlplatform.cluster import connect
+    from mlplatform.errors import ResidencyError
+
+    connect(name)
+    policy = residency.current()
+    if policy is None:
+        raise ResidencyError("This cluster runs without a residency policy; name one in its spec (`residency_policy:`) "
+                             "and start it again with `mlplatform cluster up`.")
+    return policy
+
+
+def _residency_show(a: argparse.Namespace) -> None:
+    policy = _residency_policy(a.name)
+    print(f"Residency policy {policy.name!r} (default classification: {policy.default_classification})")
+    print(table(["CLASSIFICATION", "REGIONS", "ZONES", "STORAGE PREFIXES"], [
+        [name, ", ".join(rule.regions), ", ".join(rule.zones) or "-", ", ".join(rule.storage_prefixes) or "anywhere"]
+        for name, rule in policy.classifications.items()
+    ]))
+
+
+def _residency_check(a: argparse.Namespace) -> None:
+    import time
+
+    from mlplatform import config
+    from mlplatform.train import TrainSpec
+    from mlplatform.train.preflight import preflight
+
+    started = time.perf_counter()
+    spec = config.load(a.config, TrainSpec)
+    policy = _residency_policy(a.name)
+    selector = preflight(spec, policy=policy)
+    name = policy.resolve(spec.classification)
+    if not policy.allows_storage(name, spec.storage_path):
+        policy.check_storage(name, spec.storage_path, "storage_path")
+    print(f"ok  {a.config}: {name!r} work may run in {policy.where(name)}; workers get {selector}; "
+          f"nodes there can hold all {spec.num_workers} ({time.perf_counter() - started:.1f} s)")
+
+
+def _residency_audit(a: argparse.Namespace) -> int:
+    from mlplatform.cluster import local
+    from mlplatform.residency import audit
+
+    path = audit.default_path(local.find(a.name).name)
+    if a.path:
+        print(path)
+        return 0
+    if a.verify:
+        report = audit.verify(path)
+        if report.ok:
+            print(f"ok  {path}: {report.records} record(s), hash chain intact")
+            return 0
+        print(f"BROKEN  {path}: {report.reason}", file=sys.stderr)
+        return 1
+    for record in audit.read(path):
+        print(json.dumps(record, sort_keys=True))
+    return 0
+
+
 def _registry_verify(a: argparse.Namespace) -> int:
     from mlplatform import registry
 
@@ -370,6 +433,17 @@ COMMANDS: dict[tuple[str, ...], Command] = {
         "Import a registry from before the metadata store (each model's index.json) into it; run once.",
         (_ROOT,),
     ),
+    ("residency", "show"): Command(_residency_show, "The residency policy the running cluster enforces.", (_NAME,)),
+    ("residency", "check"): Command(
+        _residency_check,
+        "Preflight a TrainSpec under the cluster's residency policy: classification, placement, capacity, storage.",
+        (_TRAIN_CONFIG, _NAME),
+    ),
+    ("residency", "audit"): Command(
+        _residency_audit, "The cluster's residency audit trail: print it, --verify its hash chain, or --path.",
+        (_NAME, arg("--verify", action="store_true", help="Check the hash chain; exit 1 naming the first bad record."),
+         arg("--path", action="store_true", help="Print the audit file's path.")),
+    ),
     ("registry", "verify"): Command(
         _registry_verify, "Check a version's files against its manifest hashes; exit 1 if any differ.", (_ROOT, _REF)
     ),
@@ -412,7 +486,8 @@ COMMANDS: dict[tuple[str, ...], Command] = {
 
 GROUP_HELP = {
     "cluster": "Ray clusters: up, down, status, env, token, render-kuberay.",
-    "registry": "Model registry: list, show, diff, alias, promote, rollback, history, verify.",
+    "registry": "Model registry: list, show, diff, alias, promote, rollback, history, migrate, verify.",
+    "residency": "Data residency: show the cluster's policy, check a spec against it, audit trail.",
     "train": "Training: plan (what would run, memory per ZeRO stage).",
     "serve": "Serving on Ray Serve: check, deploy, status, delete, keys.",
     "serve keys": "API keys of a Serve application: create, list, revoke.",

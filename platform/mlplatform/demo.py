@@ -60,6 +60,7 @@ def _stage_train(name: str, state: dict) -> str:
     # A run name of its own each time: the shipped name would resume its last checkpoint and
     # train nothing on a second `make demo`.
     run = f"digits-demo-{time.strftime('%Y%m%d-%H%M%S')}"
+    state["run"] = run
     logs = _job(f"python jobs/train.py --config jobs/configs/digits.yaml --name {run}", name, tail=0)
     # Ray Data's progress lines interleave with the job's own; show the run's summary.
     summary = [line for line in logs.splitlines() if line.startswith(run) or line.strip().startswith(("artifact ", "checkpoint "))]
@@ -75,6 +76,43 @@ def _stage_train(name: str, state: dict) -> str:
         f"{len(engine)} CPU workers ({engine[0]['optimizer']}, as the DeepSpeed engines report); "
         f"val_accuracy {meta['metrics']['val_accuracy']:.4f}"
     )
+
+
+def _stage_residency(name: str, state: dict) -> str:
+    from collections import Counter
+
+    from ray.util.state import list_actors, list_tasks
+
+    from mlplatform.residency import REGION_LABEL, audit
+
+    trail = audit.default_path(name)
+    placed = [r for r in audit.read(trail, "placement") if r.get("name") == state["run"]]
+    if not placed:
+        raise PlatformError(f"no placement of {state['run']} in the audit trail {trail}")
+    record = placed[-1]
+    region_of = {n.node_id: n.labels.get(REGION_LABEL, "?") for n in cluster.inventory(name)}
+    job = [("job_id", "=", record["job_id"])]
+    # Where everything of the job ran, as Ray's state API reports it (not as the platform asked).
+    ran = Counter()
+    for a in list_actors(filters=job, detail=True, limit=10_000, raise_on_missing_output=False):
+        ran[(a.class_name, region_of.get(a.node_id, "?"))] += 1
+    for t in list_tasks(filters=job, detail=True, limit=10_000, raise_on_missing_output=False):
+        if t.node_id:
+            ran[(t.name, region_of.get(t.node_id, "?"))] += 1
+    print(f"{state['run']}: classification {record['classification']} (policy {record['policy']}), "
+          f"workers' selector {record['selector']}")
+    for (what, region), count in sorted(ran.items()):
+        print(f"  {count:4d} x {what:<40} {region}")
+    workers = {region for (what, region) in ran if what == "RayTrainWorker"}
+    if workers != {"me-central-1"}:
+        raise PlatformError(f"{state['run']}'s train workers ran in {sorted(workers)}; the policy allows me-central-1")
+    outside = sorted({what for (what, region) in ran if region != "me-central-1"})
+    report = audit.verify(trail)
+    if not report.ok:
+        raise PlatformError(f"the audit trail {trail} is broken: {report.reason}")
+    leak = f"; Ray-internal work outside the UAE: {', '.join(outside)} (issue 12)" if outside else ""
+    return (f"train workers only in me-central-1 (Ray state API); audit chain of {report.records} records intact"
+            + leak)
 
 
 def _stage_register(name: str, state: dict) -> str:
@@ -275,6 +313,7 @@ def _wait_running(app: str, name: str, timeout_s: float = 300.0) -> None:
 STAGES: list[tuple[str, Callable[[str, dict], str]]] = [
     ("hello job (ray job submit: one task per node group)", _stage_hello),
     ("train digits (ray job submit jobs/train.py, DeepSpeed ZeRO-2)", _stage_train),
+    ("residency: where the restricted run ran (Ray state API) and its audit record", _stage_residency),
     ("register the artifact (versioned, hashed)", _stage_register),
     ("export ONNX + INT8 with accuracy gates (ray job submit jobs/export.py)", _stage_export),
     (f"serve {SERVE_APP} (keys, batching, autoscaling) under load", _stage_serve),

@@ -142,3 +142,10 @@ class PlacementError(ServeError):
 
 class ApiKeyError(ServeError):
     """An API key could not be created, found or revoked (unknown app or key id, unreadable key file)."""
+
+
+# --- residency ---
+
+
+class ResidencyError(PlatformError):
+    """Work or data would leave the regions its classification allows; the message names what and where."""

@@ -13,6 +13,7 @@ from pydantic import BaseModel
 
 KINDS: dict[str, str] = {
     "cluster": "mlplatform.cluster.spec:ClusterSpec",
+    "residency": "mlplatform.residency.policy:ResidencyPolicy",
     "train": "mlplatform.train.spec:TrainSpec",
     "export": "mlplatform.export._spec:ExportSpec",
     # A Serve config file; each application's `args:` is a ServeSpec (what build_app validates).
@@ -23,6 +24,7 @@ KINDS: dict[str, str] = {
 # matching glob decides, so specific globs come before general ones.
 SHIPPED: dict[str, str] = {
     "cluster_configs/local/*.yaml": "cluster",
+    "cluster_configs/residency/*.yaml": "residency",
     "jobs/configs/export-*.yaml": "export",
     "jobs/configs/*.yaml": "train",
     "serve_apps/*.yaml": "serve",

@@ -97,13 +97,16 @@ def test_serve_preflight_refuses_a_deployment_no_live_node_can_hold(monkeypatch)
 
     from mlplatform.errors import PlacementError
     from mlplatform.serve import ServeSpec
-    from mlplatform.serve._app import _preflight
+    from mlplatform.serve._app import _preflight, _selectors
+
+    def preflight(spec):
+        _preflight(spec, _selectors(spec, None))
 
     monkeypatch.setattr(ray, "is_initialized", lambda: True)
     monkeypatch.setattr(ray, "nodes", _ray_nodes)
     base = {"name": "digits", "model": "digits@production", "registry_root": "/tmp/r"}
-    _preflight(ServeSpec(**base, primary={"num_cpus": 2}))  # fits on the cpu node
+    preflight(ServeSpec(**base, primary={"num_cpus": 2}))  # fits on the cpu node
     with pytest.raises(PlacementError, match=r"No live node satisfies `primary.label_selector` .* with 3 CPU"):
-        _preflight(ServeSpec(**base, primary={"num_cpus": 3}))
+        preflight(ServeSpec(**base, primary={"num_cpus": 3}))
     with pytest.raises(PlacementError, match=r"`primary.label_selector` \{'ray.io/node-group': 'gpu'\}.*1 GPU"):
-        _preflight(ServeSpec(**base, primary={"label_selector": {GROUP: "gpu"}, "num_gpus": 1}))
+        preflight(ServeSpec(**base, primary={"label_selector": {GROUP: "gpu"}, "num_gpus": 1}))

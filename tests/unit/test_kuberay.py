@@ -10,6 +10,7 @@ from conftest import REPO
 from mlplatform import config
 from mlplatform.cli import main
 from mlplatform.cluster import ClusterSpec
+from mlplatform import residency
 from mlplatform.cluster.kuberay import render_raycluster
 
 CRDS = REPO.parent / "shared" / "kuberay-crds"
@@ -45,8 +46,10 @@ def test_manifest_validates_against_the_crd(path):
 
 
 def test_groups_keep_their_place_labels_and_auth():
-    spec = config.load(REPO / "cluster_configs/local/three-region.yaml", ClusterSpec)
-    manifest = render_raycluster(spec)["spec"]
+    path = REPO / "cluster_configs/local/three-region.yaml"
+    spec = config.load(path, ClusterSpec)
+    policy = residency.for_cluster_spec(spec, path)
+    manifest = render_raycluster(spec, policy=policy)["spec"]
     assert manifest["authOptions"] == {"mode": "token"}
     eu = next(g for g in manifest["workerGroupSpecs"] if g["groupName"] == "eu")
     pod = eu["template"]["spec"]
@@ -54,7 +57,9 @@ def test_groups_keep_their_place_labels_and_auth():
     env = {e["name"]: e.get("value") or e["valueFrom"] for e in pod["containers"][0]["env"]}
     assert env == {"RAY_NODE_REGION": "eu-central-1", "RAY_NODE_ZONE": "eu-central-1a", "RAY_NODE_TYPE_NAME": "eu", "RAY_NODE_MARKET_TYPE": "on-demand",
                    # the shared metadata store, from a Secret (no password in the manifest)
-                   "MLPLATFORM_METADATA_URL": {"secretKeyRef": {"name": "mlplatform-metadata", "key": "url", "optional": True}}}
+                   "MLPLATFORM_METADATA_URL": {"secretKeyRef": {"name": "mlplatform-metadata", "key": "url", "optional": True}},
+                   # every Ray process on the pod works for this cluster, under its residency policy
+                   "MLPLATFORM_CLUSTER": "three-region", "MLPLATFORM_RESIDENCY_POLICY": residency.encode(policy)}
     gpu = next(g for g in manifest["workerGroupSpecs"] if g["groupName"] == "gpu")
     assert gpu["labels"] == {"mlplatform.io/simulated-gpu": "true"}
 

@@ -28,7 +28,7 @@ def test_top_level_layout():
 # ---- one shared layer: capabilities meet only through public packages and mlplatform._internal
 
 PACKAGE = REPO / "platform" / "mlplatform"
-CAPABILITIES = {"cluster", "train", "export", "registry", "serve"}
+CAPABILITIES = {"cluster", "train", "export", "registry", "serve", "residency"}
 # What lives in mlplatform._internal only: storage plumbing, label matching, artifact file names.
 PLUMBING = {
     "FileSystem.from_uri": "storage.filesystem()",

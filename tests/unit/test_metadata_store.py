@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import multiprocessing
 import threading
 
 import pytest
 import sqlalchemy as sa
+
+from conftest import run_together
 
 from mlplatform._internal import metadata
 
@@ -34,14 +35,7 @@ def url(request, tmp_path) -> str:
 
 
 def test_processes_opening_a_new_database_at_once_migrate_it_once(url):
-    ctx = multiprocessing.get_context("spawn")
-    barrier = ctx.Barrier(OPENERS)
-    procs = [ctx.Process(target=_open, args=(url, barrier)) for _ in range(OPENERS)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=120)
-    assert [p.exitcode for p in procs] == [0] * OPENERS
+    run_together(_open, [(url,) for _ in range(OPENERS)])
     engine = metadata.open_store(url)
     with engine.connect() as conn:
         assert conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalars().all() == ["0001"]

@@ -77,6 +77,7 @@ def as_file_based(root: str) -> dict:
     indexes = {name: read_index(store, name) for name in model_names(store)}
     for name, index in indexes.items():
         (Path(root) / name / "index.json").write_text(json.dumps({"format": 1, **index}, indent=1))
+        (Path(root) / name / ".lock").write_text("pid 1 on host\n")  # the old index's flock target
     if "MLPLATFORM_METADATA_URL" in os.environ:  # a shared database: forget this root there
         import sqlalchemy as sa
 
@@ -120,6 +121,7 @@ def test_a_file_based_registry_migrates_with_one_command(two_versions, capsys, t
     assert registry.register(art, "digits", root=two_versions).version == 3
     # The old index is kept beside the model, renamed so that it is never read again.
     assert not os.path.exists(f"{two_versions}/digits/index.json")
+    assert not os.path.exists(f"{two_versions}/digits/.lock")
     assert json.loads(open(f"{two_versions}/digits/index.json.migrated").read())["versions"] == indexes["digits"]["versions"]
     code, out, _ = cli(capsys, "registry", "migrate", *r)
     assert code == 0 and "nothing to migrate" in out

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
-import multiprocessing
 from pathlib import Path
 
 import pytest
+
+from conftest import run_together
 
 from mlplatform.registry import alias_history, list_aliases, list_versions, verify
 from mlplatform.registry._index import read_index
@@ -35,17 +36,7 @@ def _register_several(root: str, scratch: str, worker: int, barrier) -> None:
 
 def test_parallel_registrations_from_processes(tmp_path):
     root = tmp_path / "registry"
-    ctx = multiprocessing.get_context("spawn")
-    barrier = ctx.Barrier(PROCESSES)
-    procs = [
-        ctx.Process(target=_register_several, args=(str(root), str(tmp_path / "scratch"), w, barrier))
-        for w in range(PROCESSES)
-    ]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=120)
-    assert [p.exitcode for p in procs] == [0] * PROCESSES
+    run_together(_register_several, [(str(root), str(tmp_path / "scratch"), w) for w in range(PROCESSES)])
 
     total = PROCESSES * REGISTRATIONS
     assert [v["version"] for v in read_index(Store(root), "shared")["versions"]] == list(range(1, total + 1))
@@ -90,14 +81,7 @@ def test_concurrent_alias_moves_from_processes_lose_none(tmp_path):
         artifact.mkdir()
         (artifact / "model.safetensors").write_bytes(bytes([n]) * 100)
         register(artifact, "m", root=root)
-    ctx = multiprocessing.get_context("spawn")
-    barrier = ctx.Barrier(MOVERS)
-    procs = [ctx.Process(target=_move_aliases, args=(str(root), w, barrier)) for w in range(MOVERS)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=120)
-    assert [p.exitcode for p in procs] == [0] * MOVERS
+    run_together(_move_aliases, [(str(root), w) for w in range(MOVERS)])
 
     history = alias_history("m", root=root)
     assert len(history) == MOVERS * MOVES  # not one move lost

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from mlplatform.cluster import local
+from mlplatform.residency import CLUSTER_ENV
 
 
 def cluster_env(name: str | None = None) -> dict[str, str]:
@@ -42,7 +43,9 @@ def connect(name: str | None = None, **ray_init_kwargs: Any) -> Any:
             os.environ["RAY_AUTH_MODE"] = "token"
         _reload_ray_auth_settings()
     else:
-        address = authenticate(name).gcs_address
+        cluster = authenticate(name)
+        address = cluster.gcs_address
+        os.environ.setdefault(CLUSTER_ENV, cluster.name)  # where this driver's audit records go
     ray_init_kwargs.setdefault("logging_level", "WARNING")
     return ray.init(address=address, **ray_init_kwargs)
 

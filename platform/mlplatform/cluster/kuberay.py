@@ -9,10 +9,14 @@ RAY_NODE_* variables give Ray the same standard labels the local cluster has.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from mlplatform import residency
 from mlplatform.cluster.local import _LABEL_ENV
 from mlplatform.cluster.spec import ClusterSpec, NodeGroup
+
+if TYPE_CHECKING:
+    from mlplatform.residency import ResidencyPolicy
 
 RAY_VERSION = "2.60.0"
 DEFAULT_IMAGE = f"rayproject/ray:{RAY_VERSION}-py311"
@@ -25,8 +29,15 @@ _METADATA_URL = {
 }
 
 
-def render_raycluster(spec: ClusterSpec, image: str = DEFAULT_IMAGE) -> dict[str, Any]:
-    """A `ray.io/v1` RayCluster with token auth, one worker group per spec group."""
+def render_raycluster(spec: ClusterSpec, image: str = DEFAULT_IMAGE, policy: ResidencyPolicy | None = None) -> dict[str, Any]:
+    """A `ray.io/v1` RayCluster with token auth, one worker group per spec group.
+
+    With `policy` (the spec's residency policy), every pod carries it in its environment, as
+    `cluster up` gives it to local nodes: every Ray worker process of every job inherits it.
+    """
+    env = [{"name": residency.CLUSTER_ENV, "value": spec.name}, _METADATA_URL]
+    if policy is not None:
+        env.append({"name": residency.POLICY_ENV, "value": residency.encode(policy)})
     return {
         "apiVersion": "ray.io/v1",
         "kind": "RayCluster",
@@ -37,7 +48,7 @@ def render_raycluster(spec: ClusterSpec, image: str = DEFAULT_IMAGE) -> dict[str
             "headGroupSpec": {
                 "rayStartParams": {**_start_params(spec.head), "dashboard-host": "0.0.0.0"},
                 **_group_fields(spec.head),
-                "template": _pod(spec.head, image, "ray-head"),
+                "template": _pod(spec.head, image, "ray-head", env),
             },
             "workerGroupSpecs": [
                 {
@@ -47,7 +58,7 @@ def render_raycluster(spec: ClusterSpec, image: str = DEFAULT_IMAGE) -> dict[str
                     "maxReplicas": group.count,
                     "rayStartParams": _start_params(group),
                     **_group_fields(group),
-                    "template": _pod(group, image, "ray-worker"),
+                    "template": _pod(group, image, "ray-worker", env),
                 }
                 for group in spec.worker_groups
             ],
@@ -69,7 +80,7 @@ def _group_fields(group: NodeGroup) -> dict[str, Any]:
     return fields
 
 
-def _pod(group: NodeGroup, image: str, container: str) -> dict[str, Any]:
+def _pod(group: NodeGroup, image: str, container: str, env: list[dict[str, Any]]) -> dict[str, Any]:
     limits = {"cpu": str(group.cpus), "memory": f"{_mib(group.memory_gb + group.object_store_gb)}Mi"}
     if group.gpus:
         limits["nvidia.com/gpu"] = str(group.gpus)
@@ -84,7 +95,7 @@ def _pod(group: NodeGroup, image: str, container: str) -> dict[str, Any]:
                 {
                     "name": container,
                     "image": image,
-                    "env": [{"name": var, "value": labels[label]} for label, var in _LABEL_ENV.items()] + [_METADATA_URL],
+                    "env": [{"name": var, "value": labels[label]} for label, var in _LABEL_ENV.items()] + env,
                     "resources": {"limits": limits, "requests": dict(limits)},
                 }
             ],

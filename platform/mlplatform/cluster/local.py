@@ -34,6 +34,7 @@ from pathlib import Path
 
 import tenacity
 
+from mlplatform import residency
 from mlplatform._internal import storage
 from mlplatform.cluster.spec import (
     GROUP_LABEL,
@@ -152,6 +153,7 @@ def _up(spec: ClusterSpec, config: str, timeout_s: float) -> LocalCluster:
     cdir = _cluster_dir(spec.name)
     _clear_stale_state(spec.name, config)
     _check_ports_free(spec, config)
+    policy = residency.for_cluster_spec(spec, config or None)  # a bad policy starts nothing
 
     (cdir / "logs").mkdir(parents=True, exist_ok=True)
     token_path = cdir / "auth_token"
@@ -162,6 +164,11 @@ def _up(spec: ClusterSpec, config: str, timeout_s: float) -> LocalCluster:
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_path), RAY_USAGE_STATS_ENABLED="0")
     # Job entrypoints run `python`: make it this interpreter, the one mlplatform is installed in.
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    # Every Ray worker process on every node inherits the policy: no job can leave it out.
+    env.pop(residency.POLICY_ENV, None)
+    env[residency.CLUSTER_ENV] = spec.name
+    if policy is not None:
+        env[residency.POLICY_ENV] = residency.encode(policy)
 
     # The GCS address is known once the head runs; until then it stays empty in the state.
     cluster = LocalCluster(
@@ -182,6 +189,8 @@ def _up(spec: ClusterSpec, config: str, timeout_s: float) -> LocalCluster:
         ip = (temp_dir / "head" / "ray_current_cluster").read_text().strip().rsplit(":", 1)[0]
         cluster = replace(cluster, gcs_address=f"{ip}:{spec.ports.gcs}")
         _write_state(cluster)
+        if policy is not None:
+            _publish_policy(cluster, policy, env)
         # One at a time: nodes starting side by side on one machine race for ports.
         for group in spec.worker_groups:
             for i in range(group.count):
@@ -205,6 +214,16 @@ def _up(spec: ClusterSpec, config: str, timeout_s: float) -> LocalCluster:
             ) from None
         raise
     return cluster
+
+
+def _publish_policy(cluster: LocalCluster, policy, env: Mapping[str, str]) -> None:
+    """The policy into the GCS too, for drivers outside the cluster (see mlplatform.residency.active)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "mlplatform.residency.active", cluster.gcs_address],
+        input=residency.encode(policy), env={**env, **cluster.env()}, capture_output=True, text=True, timeout=60,
+    )
+    if done.returncode != 0:
+        raise NodeStartError(f"Could not store the residency policy in the cluster's GCS: {_tail(done.stderr)}")
 
 
 def _add_node(cluster: LocalCluster, node: NodeProcess) -> LocalCluster:

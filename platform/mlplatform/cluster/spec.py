@@ -143,6 +143,11 @@ class ClusterSpec(Spec):
         default_factory=list, description="Worker node groups; each starts `count` nodes."
     )
     ports: Ports = Field(default_factory=Ports, description="Head-node ports.")
+    residency_policy: str | None = Field(
+        None,
+        description="Residency policy file (relative to this spec), e.g. ../residency/uae.yaml; every job on the "
+        "cluster is placed under it.",
+    )
 
     @field_validator("name")
     @classmethod

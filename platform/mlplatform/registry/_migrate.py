@@ -20,6 +20,7 @@ from mlplatform.registry._records import INDEX_FORMAT
 from mlplatform.registry._store import Store
 
 MIGRATED_SUFFIX = ".migrated"
+_OLD_LOCK = ".lock"
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,8 @@ def migrate(root: str | os.PathLike[str] | None = None) -> list[Migrated]:
 
         already = update_index(store, name, change, create=True)
         store.move(path, path + MIGRATED_SUFFIX)
+        if store.exists(store.path(name, _OLD_LOCK)):
+            store.fs.delete_file(store.path(name, _OLD_LOCK))  # the file index's flock target, now unused
         done.append(Migrated(name, len(old["versions"]), len(old["alias_history"]), already))
     return done
 

@@ -7,7 +7,8 @@ from typing import Any
 
 from mlplatform import config
 from mlplatform._internal import placement, storage
-from mlplatform.errors import ModelNotDeployable, PlacementError
+from mlplatform import residency
+from mlplatform.errors import ModelNotDeployable, PlacementError, ResidencyError
 from mlplatform.serve._contract import Contract
 from mlplatform.serve._keys import default_keys_dir
 from mlplatform.serve._spec import ModelDeploymentSpec, ServeSpec, Variant
@@ -52,7 +53,8 @@ def _build(spec: ServeSpec):
     refs = {role: v.ref for role, v in versions.items()}
     for role, dep in spec.deployments().items():
         _check_export_gate(versions[role], dep.variant, role)
-    _preflight(spec)
+    selectors = _selectors(spec, residency.current())
+    _preflight(spec, selectors)
 
     def model_settings(role: str, dep: ModelDeploymentSpec) -> dict[str, Any]:
         return {
@@ -64,7 +66,7 @@ def _build(spec: ServeSpec):
         }
 
     def model(role: str, dep: ModelDeploymentSpec):
-        options = _replica_options(dep.label_selector, dep.num_cpus, dep.num_gpus, dep.replicas, dep.autoscaling)
+        options = _replica_options(selectors[role], dep.num_cpus, dep.num_gpus, dep.replicas, dep.autoscaling)
         return serve.deployment(model_class(dep.variant.value)).options(
             name=role, max_ongoing_requests=dep.max_ongoing_requests, max_queued_requests=dep.max_queued_requests,
             **options, **_HEALTH,
@@ -92,22 +94,40 @@ def _build(spec: ServeSpec):
         from mlplatform.serve._canary import CanaryGate
 
         # One replica: the verdict is taken once, from every ingress replica's outcomes.
+        gate_actor = {"num_cpus": 0, **({"label_selector": selectors["gate"]} if selectors["gate"] else {})}
         gate = serve.deployment(CanaryGate).options(
-            name="canary_gate", num_replicas=1, ray_actor_options={"num_cpus": 0}, **_HEALTH,
+            name="canary_gate", num_replicas=1, ray_actor_options=gate_actor, **_HEALTH,
         ).bind({
             "app": spec.name, "root": spec.registry_root, "gate": spec.canary.gate.model_dump(),
             "canary_ref": refs["canary"], "canary_alias": _alias(spec.canary.model),
             "primary_ref": version.ref, "primary_alias": _alias(spec.model),
         })
     host = spec.primary if ing.colocate else ing  # whose placement and limits the ingress replicas take
-    options = _replica_options(host.label_selector, host.num_cpus, getattr(host, "num_gpus", 0), host.replicas,
-                               host.autoscaling)
+    options = _replica_options(selectors["primary" if ing.colocate else "ingress"], host.num_cpus,
+                               getattr(host, "num_gpus", 0), host.replicas, host.autoscaling)
     if ing.colocate:
         settings["local_model"] = model_settings("primary", spec.primary)
     return serve.deployment(Ingress).options(
         name="ingress", max_ongoing_requests=host.max_ongoing_requests, max_queued_requests=host.max_queued_requests,
         backpressure_config={"status_code": 503, "retry_after_s": ing.retry_after_s}, **options, **_HEALTH,
     ).bind(settings, bound.get("primary"), bound.get("fallback"), bound.get("canary"), gate)
+
+
+def _selectors(spec: ServeSpec, policy) -> dict[str, dict[str, str]]:
+    """Each deployment's label selector (and the canary gate's), narrowed by the residency policy."""
+    own = {role: dict(d.label_selector) for role, d in spec.deployments().items()}
+    own["ingress"] = dict(spec.ingress.label_selector)
+    own["gate"] = {}
+    if policy is None:
+        if spec.classification:
+            raise ResidencyError(
+                f"Got {spec.classification!r} for `classification`, but this cluster has no residency policy, so "
+                "nothing would keep the replicas where that data must stay. Deploy on a cluster whose spec names a "
+                "`residency_policy`, or remove `classification`."
+            )
+        return own
+    return {role: policy.place(spec.classification, selector, f"{role}.label_selector" if role != "gate" else "classification")
+            for role, selector in own.items()}
 
 
 def _alias(ref: str) -> str | None:
@@ -143,7 +163,7 @@ def _check_export_gate(version, variant: Variant, role: str) -> None:
         )
 
 
-def _preflight(spec: ServeSpec) -> None:
+def _preflight(spec: ServeSpec, selectors: dict[str, dict[str, str]]) -> None:
     """Fail fast when no live node can hold a deployment (Ray would leave it pending silently)."""
     import ray
 
@@ -152,17 +172,20 @@ def _preflight(spec: ServeSpec) -> None:
     from mlplatform.cluster.inventory import from_ray_nodes
 
     nodes = [n for n in from_ray_nodes(ray.nodes()) if n.alive]
-    wanted = [(f"{role}", d.label_selector, d.num_cpus, d.num_gpus) for role, d in spec.deployments().items()]
-    wanted.append(("ingress", spec.ingress.label_selector, spec.ingress.num_cpus, 0))
+    wanted = [(role, selectors[role], d.num_cpus, d.num_gpus) for role, d in spec.deployments().items()]
+    if not spec.ingress.colocate:
+        wanted.append(("ingress", selectors["ingress"], spec.ingress.num_cpus, 0))
     has_fallback = bool(spec.fallback and spec.fallback.enabled)
     for role, selector, cpus, gpus in wanted:
         # One replica must fit on one node; autoscaling adds the rest as room appears.
         if placement.capacity(nodes, selector, {"CPU": cpus, "GPU": gpus}).largest >= 1:
             continue
         groups = sorted({f"{n.group} ({n.resources.get('CPU', 0):g} CPU, {n.resources.get('GPU', 0):g} GPU)" for n in nodes})
+        confined = "" if not spec.classification else (
+            f" (`classification` {spec.classification!r} confines it to the regions the residency policy allows)")
         message = (
-            f"No live node satisfies `{role}.label_selector` {dict(selector)} with {cpus:g} CPU and {gpus:g} GPU; "
-            f"live node groups: {', '.join(groups)}. Fix the selector or the resources, or add nodes to that group."
+            f"No live node satisfies `{role}.label_selector` {dict(selector)}{confined} with {cpus:g} CPU and {gpus:g} "
+            f"GPU; live node groups: {', '.join(groups)}. Fix the selector or the resources, or add nodes to that group."
         )
         if role == "primary" and has_fallback:
             # Spot GPUs may all be gone right now; the fallback serves until they return.

@@ -231,6 +231,11 @@ class ServeSpec(Spec):
     limits: LimitsSpec = Field(default_factory=LimitsSpec, description="Request size limits.")
     auth: AuthSpec = Field(default_factory=AuthSpec, description="API key settings.")
     drift: DriftSpec = Field(default_factory=DriftSpec, description="Input drift monitoring.")
+    classification: str | None = Field(
+        None,
+        description="Data classification of the requests and model under the cluster's residency policy (e.g. "
+        "uae-restricted); absent: the policy's default. Every replica is placed only in the regions it allows.",
+    )
 
     @field_validator("name")
     @classmethod

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,16 +91,18 @@ def fingerprint(paths: DataPaths) -> str:
     return "sha256:" + digest.hexdigest()
 
 
-def load_datasets(spec: TrainSpec, paths: DataPaths) -> dict[str, ray.data.Dataset]:
+def load_datasets(spec: TrainSpec, paths: DataPaths, selector: dict[str, str] | None = None) -> dict[str, ray.data.Dataset]:
     """Ray Datasets `train` and `validation`, preprocessed into model inputs.
 
-    Read tasks carry the run's label selector, so the data is read only where the
-    workers may run (residency).
+    Every task and actor Ray Data starts for them (reads, the Parquet metadata fetch, the
+    preprocessing) carries `selector`, the workers' label selector under the residency policy,
+    so the data is touched only where the workers may run.
     """
     import ray.data
 
-    remote = {"label_selector": spec.placement.selector()} if spec.placement.selector() else {}
-    with _v1_parquet_reader():
+    selector = spec.placement.selector() if selector is None else selector
+    remote = {"label_selector": selector} if selector else {}
+    with _v1_parquet_reader(), _data_selector(selector):
         train = ray.data.read_parquet(paths.train, **remote)
         validation = ray.data.read_parquet(paths.validation, **remote) if paths.validation else None
     if validation is None:
@@ -113,6 +116,25 @@ def load_datasets(spec: TrainSpec, paths: DataPaths) -> dict[str, ray.data.Datas
         name: ds.map_batches(prep, batch_format="numpy", batch_size=None, **remote).materialize()
         for name, ds in (("train", train), ("validation", validation))
     }
+
+
+@contextmanager
+def _data_selector(selector: dict[str, str]) -> Iterator[None]:
+    """Ray Data's Dataset-wide label selector, for the Datasets created in the block.
+
+    Per-read `ray_remote_args` reach only the read tasks; Ray Data's own helpers (the Parquet
+    metadata fetch, sampling) take the DataContext's selector, which each Dataset copies when
+    it is created.
+    """
+    from ray.data import DataContext
+
+    options = DataContext.get_current().execution_options
+    before = options.label_selector
+    options.label_selector = dict(selector) or None
+    try:
+        yield
+    finally:
+        options.label_selector = before
 
 
 @contextmanager
@@ -177,7 +199,11 @@ def _data_config_class():
     from ray.train import DataConfig
 
     class DeterministicSplit(DataConfig):
-        """Split every dataset by row order, the same way on every (re)start."""
+        """Split every dataset by row order, the same way on every (re)start, where the workers may run."""
+
+        def __init__(self, selector: dict[str, str] | None = None) -> None:
+            super().__init__()
+            self._selector = dict(selector or {}) or None
 
         def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
             output = [{} for _ in range(world_size)]
@@ -185,6 +211,7 @@ def _data_config_class():
                 ds = ds.copy(ds)
                 ds.context.execution_options = self._resolve_execution_options(name)
                 ds.context.execution_options.preserve_order = True
+                ds.context.execution_options.label_selector = self._selector
                 # Validation need not be equal: metrics are summed over workers.
                 for i, part in enumerate(ds.split(world_size, equal=name == "train")):
                     output[i][name] = part.iterator()
@@ -193,9 +220,9 @@ def _data_config_class():
     return DeterministicSplit
 
 
-def data_config():
-    """The DataConfig that shards deterministically (see module docstring)."""
-    return _data_config_class()()
+def data_config(selector: dict[str, str] | None = None):
+    """The DataConfig that shards deterministically (see module docstring), its tasks under `selector`."""
+    return _data_config_class()(selector)
 
 
 def shard_to_arrays(iterator) -> tuple[np.ndarray, np.ndarray]:

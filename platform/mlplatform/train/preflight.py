@@ -11,21 +11,29 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from mlplatform._internal import placement, storage
-from mlplatform.errors import PreflightError, SpecError
+from mlplatform.errors import PreflightError, ResidencyError, SpecError
+from mlplatform.residency import REGION_LABEL
 from mlplatform.train import models
 from mlplatform.train.spec import Task, TrainSpec
 
 if TYPE_CHECKING:
     from mlplatform.cluster import Node
+    from mlplatform.residency import ResidencyPolicy
 
 
-def preflight(spec: TrainSpec, cluster: bool = True) -> None:
+def preflight(spec: TrainSpec, cluster: bool = True, policy: ResidencyPolicy | None = None) -> dict[str, str]:
     """Run every check; with `cluster`, also the live-cluster capacity check (needs ray.init).
+
+    Returns the label selector the workers get: the spec's own, narrowed by the residency
+    `policy` (the cluster's) to the regions the spec's classification allows.
 
     Raises:
         SpecError: the model reference or its kwargs are wrong.
         PreflightError: data, storage or capacity problems.
+        ResidencyError: the classification is unknown, the selector contradicts the policy, or no
+            node where the policy allows the work can hold it.
     """
+    selector = placement_selector(spec, policy)
     check_model(spec)
     check_dataset(spec)
     check_storage(spec)
@@ -34,7 +42,21 @@ def preflight(spec: TrainSpec, cluster: bool = True) -> None:
 
         from mlplatform.cluster.inventory import from_ray_nodes
 
-        check_capacity(spec, from_ray_nodes(ray.nodes()))
+        check_capacity(spec, from_ray_nodes(ray.nodes()), selector, policy)
+    return selector
+
+
+def placement_selector(spec: TrainSpec, policy: ResidencyPolicy | None) -> dict[str, str]:
+    """The workers' label selector under `policy`; a classification needs a policy to mean anything."""
+    if policy is None:
+        if spec.classification:
+            raise ResidencyError(
+                f"Got {spec.classification!r} for `classification`, but this cluster has no residency policy, "
+                "so nothing would keep the work where that data must stay. Run it on a cluster whose spec "
+                "names a `residency_policy`, or remove `classification`."
+            )
+        return spec.placement.selector()
+    return policy.place(spec.classification, spec.placement.selector(), "placement.label_selector")
 
 
 def check_model(spec: TrainSpec) -> None:
@@ -102,9 +124,10 @@ def check_storage(spec: TrainSpec) -> None:
         ) from None
 
 
-def check_capacity(spec: TrainSpec, nodes: Sequence[Node]) -> None:
+def check_capacity(spec: TrainSpec, nodes: Sequence[Node], selector: dict[str, str] | None = None,
+                   policy: ResidencyPolicy | None = None) -> None:
     """The cluster's alive nodes matching the selector can ever hold num_workers workers."""
-    selector = spec.placement.selector()
+    selector = spec.placement.selector() if selector is None else selector
     need = {k: v for k, v in spec.resources_per_worker.items() if v > 0}
     if spec.use_gpu:
         need.setdefault("GPU", 1.0)
@@ -114,19 +137,46 @@ def check_capacity(spec: TrainSpec, nodes: Sequence[Node]) -> None:
         return
     fit, matching = room.total, room.matching
     where = f"nodes matching {selector}" if selector else "the cluster's nodes"
+    confined = ""
+    if policy is not None:
+        if placement.capacity(nodes, spec.placement.selector(), need).total >= spec.num_workers:
+            # The spec alone would fit: the policy is what keeps the work from running.
+            _refuse_outside_residency(spec, nodes, selector, need, policy, fit)
+        confined = " " + _residency_context(spec, nodes, policy)
     if not matching:
         groups = sorted({f"{n.group or '?'} ({dict(n.labels)})" for n in nodes if n.alive})
         raise PreflightError(
             f"Got {selector} for `placement.label_selector`; no alive node matches it, so the workers would wait "
             f"forever. Nodes: {'; '.join(groups) or 'none'}. Fix the selector"
             + (" or set `placement.allow_spot: true`" if not spec.placement.allow_spot else "")
-            + "."
+            + "." + confined
         )
     raise PreflightError(
-        f"Got {spec.num_workers} for `num_workers`; {where} can hold at most {fit} workers of "
+        f"Got {spec.num_workers} for `num_workers`; {where} can hold at most {fit:g} workers of "
         f"{need} each (nodes: {', '.join(f'{n.name} {dict(n.resources)}' for n in matching)}). "
-        f"Lower `num_workers` to {fit}, lower `resources_per_worker`, or widen `placement.label_selector`."
+        f"Lower `num_workers` to {fit:g}, lower `resources_per_worker`, or widen `placement.label_selector`." + confined
     )
+
+
+def _refuse_outside_residency(spec: TrainSpec, nodes: Sequence[Node], selector: dict[str, str],
+                              need: dict[str, float], policy: ResidencyPolicy, fit: float) -> None:
+    """Work that fits the cluster but not where the policy lets it run: say so in residency's terms."""
+    missing = (f"no node matches {selector}" if not placement.capacity(nodes, selector, need).matching
+               else f"those nodes hold at most {fit:g} of the {spec.num_workers} workers of {need} each")
+    raise ResidencyError(
+        f"{spec.name}: the workers need {selector} and {missing}. {_residency_context(spec, nodes, policy)} "
+        f"Point `placement.label_selector` at a group inside the allowed regions, lower `num_workers` or "
+        f"`resources_per_worker`, or add capacity there. Nothing was started."
+    )
+
+
+def _residency_context(spec: TrainSpec, nodes: Sequence[Node], policy: ResidencyPolicy) -> str:
+    """The classification, where it may run, and which node groups are there and elsewhere."""
+    name = policy.resolve(spec.classification)
+    inside = sorted({n.group or "?" for n in nodes if n.alive and placement.matches(n.labels, policy.selector(name))})
+    present = sorted({f"{n.group or '?'} ({n.labels.get(REGION_LABEL, '?')})" for n in nodes if n.alive})
+    return (f"Classification {name!r} may only run in {policy.where(name)} (residency policy {policy.name!r}); "
+            f"node groups present: {'; '.join(present)}; inside the allowed regions: {', '.join(inside) or 'none'}.")
 
 
 def pa_errors() -> tuple[type[BaseException], ...]:

@@ -219,6 +219,11 @@ class TrainSpec(Spec):
         None, gt=0, description="Memory budget per worker for `auto` stage; default: the accelerator's or host's."
     )
     placement: PlacementSpec = Field(default_factory=PlacementSpec, description="Node placement.")
+    classification: str | None = Field(
+        None,
+        description="Data classification under the cluster's residency policy (e.g. uae-restricted); absent: the "
+        "policy's default. Workers are placed only in the regions it allows.",
+    )
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec, description="Checkpoint cadence and retention.")
     storage_path: str = Field(
         "/tmp/mlplatform/runs",

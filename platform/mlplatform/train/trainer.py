@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mlplatform import residency
 from mlplatform._internal import artifact_layout as layout
 from mlplatform._internal import storage as _storage
-from mlplatform.errors import PreflightError, TrainingFailed
+from mlplatform.errors import PreflightError, ResidencyError, TrainingFailed
 from mlplatform.train import artifact as _artifact
 from mlplatform.train import checkpoints
 from mlplatform.train import data as _data
@@ -56,6 +59,9 @@ class TrainResult:
         )
 
 
+_PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
+
+
 def train(spec: TrainSpec) -> TrainResult:
     """Plan, check, train on the connected Ray cluster, and write the final artifact.
 
@@ -72,7 +78,15 @@ def train(spec: TrainSpec) -> TrainResult:
     the_plan = plan(spec)
     if not ray.is_initialized():
         ray.init()
-    preflight(spec)
+    policy = residency.current()
+    try:
+        selector = preflight(spec, policy=policy)
+    except ResidencyError as e:
+        residency.record("denial", what="train", name=spec.name, job_id=_job_id(), reason=str(e))
+        raise
+    if policy is not None:
+        residency.record("placement", what="train", name=spec.name, job_id=_job_id(), policy=policy.name,
+                        classification=policy.resolve(spec.classification), selector=selector)
     clock.done("plan and preflight")
 
     fs, root = _run_storage(spec)
@@ -82,9 +96,9 @@ def train(spec: TrainSpec) -> TrainResult:
         data_root = os.path.join(root, "datasets")
     paths = _data.resolve_paths(spec, data_root)
     fingerprint = _data.fingerprint(paths)
-    datasets = _data.load_datasets(spec, paths)
+    datasets = _data.load_datasets(spec, paths, selector)
     clock.done("data")
-    result = _fit(spec, the_plan, datasets)
+    result = _fit(spec, the_plan, datasets, selector)
     clock.done("training")
 
     metrics = dict(result.metrics or {})
@@ -119,7 +133,13 @@ def train(spec: TrainSpec) -> TrainResult:
     )
 
 
-def _fit(spec: TrainSpec, the_plan: Plan, datasets):
+def _job_id() -> str | None:
+    import ray
+
+    return ray.get_runtime_context().get_job_id()
+
+
+def _fit(spec: TrainSpec, the_plan: Plan, datasets, selector: dict[str, str]):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -131,7 +151,6 @@ def _fit(spec: TrainSpec, the_plan: Plan, datasets):
         # Rank 0 appends "step pid unix_time" per optimizer step: an audit of what each attempt ran.
         "step_log": None if _storage.is_uri(spec.storage_path) else f"{run_dir}/steps.log",
     }
-    selector = spec.placement.selector()
     resources = dict(spec.resources_per_worker)
     if spec.use_gpu:
         resources.setdefault("GPU", 1.0)
@@ -152,17 +171,42 @@ def _fit(spec: TrainSpec, the_plan: Plan, datasets):
             failure_config=FailureConfig(max_failures=spec.max_failures),
         ),
         datasets=datasets,
-        dataset_config=_data.data_config(),
+        dataset_config=_data.data_config(selector),
     )
     from ray.train import TrainingFailedError
 
     try:
-        return trainer.fit()
+        with _confined_train_internals(selector):
+            return trainer.fit()
     except TrainingFailedError as e:
         raise TrainingFailed(
             f"{spec.name}: training failed after {spec.max_failures} restarts ({e}). Checkpoints so far are under "
             f"{run_dir}; fix the cause and submit the same spec to resume, or raise `max_failures`."
         ) from None
+
+
+@contextmanager
+def _confined_train_internals(selector: dict[str, str]) -> Iterator[None]:
+    """Ray Train's own actors stay where the workers may run.
+
+    Its controller follows the driver's node and its workers the selector, but its preemption
+    watcher (Ray 2.60) is an actor with no selector that Ray may place in any region. Under a
+    residency selector it is switched off (Ray Train reads the variable from the driver's
+    environment when fit() starts its controller); a preempted spot worker is then recovered by
+    restarting from the newest complete checkpoint, as for any other worker failure.
+    """
+    if residency.REGION_LABEL not in selector:
+        yield
+        return
+    before = os.environ.get(_PREEMPTION_WATCHER_ENV)
+    os.environ[_PREEMPTION_WATCHER_ENV] = "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(_PREEMPTION_WATCHER_ENV, None)
+        else:
+            os.environ[_PREEMPTION_WATCHER_ENV] = before
 
 
 def _write_artifact(spec, the_plan, paths, fingerprint, datasets, weights, train_metrics, root) -> str:
