@@ -297,8 +297,7 @@ def _residency_check(a: argparse.Namespace) -> None:
     policy = _residency_policy(a.name)
     selector = preflight(spec, policy=policy)
     name = policy.resolve(spec.classification)
-    if not policy.allows_storage(name, spec.storage_path):
-        policy.check_storage(name, spec.storage_path, "storage_path")
+    policy.check_storage(name, spec.storage_path, "storage_path")
     print(f"ok  {a.config}: {name!r} work may run in {policy.where(name)}; workers get {selector}; "
           f"nodes there can hold all {spec.num_workers} ({time.perf_counter() - started:.1f} s)")
 
