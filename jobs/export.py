@@ -19,9 +19,11 @@ def main() -> int:
     p.add_argument("--quantize", choices=["int8", "none"], help="override the spec's `quantize`")
     p.add_argument("--config", help="ExportSpec YAML, e.g. jobs/configs/export-digits.yaml")
     p.add_argument("--root", help="registry root (default: MLPLATFORM_REGISTRY_ROOT)")
+    p.add_argument("--classification", help="keep or raise the source version's classification (never lower)")
     a = p.parse_args()
     try:
-        report = export_model(a.model, make_spec(a.config, quantize=a.quantize), root=a.root)
+        spec = make_spec(a.config, quantize=a.quantize, classification=a.classification)
+        report = export_model(a.model, spec, root=a.root)
     except PlatformError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -7,9 +7,11 @@ own MLPLATFORM_HOME and the three-region spec is started on free ports.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -57,12 +59,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.skip(reason="Requires: CUDA"))
 
 
-@pytest.fixture(scope="session")
-def three_region_cluster() -> Iterator["LocalCluster"]:  # noqa: F821
-    """cluster_configs/local/three-region.yaml, running for the whole session."""
+@contextmanager
+def local_cluster(path: Path) -> Iterator["LocalCluster"]:  # noqa: F821
+    """The cluster spec at `path`, started on free ports; stopped (this process disconnected) after."""
     from mlplatform import cluster, config
 
-    path = REPO / "cluster_configs/local/three-region.yaml"
     spec = with_free_ports(config.load(path, cluster.ClusterSpec))
     running = cluster.up(spec, str(path))
     try:
@@ -74,8 +75,71 @@ def three_region_cluster() -> Iterator["LocalCluster"]:  # noqa: F821
         cluster.down(spec.name)
 
 
+def uae_test_policy(restricted_prefix: Path):
+    """A UAE-like policy whose `uae-restricted` data may only be written under `restricted_prefix`."""
+    from mlplatform.residency import ResidencyPolicy
+
+    return ResidencyPolicy.model_validate({
+        "name": "test-uae", "default_classification": "internal",
+        "classifications": {
+            "uae-restricted": {"regions": ["me-central-1"], "storage_prefixes": [str(restricted_prefix)]},
+            "internal": {"regions": ["me-central-1", "eu-central-1"]},
+            "public": {"regions": ["*"]},
+        },
+    })
+
+
+@pytest.fixture(autouse=True)
+def unit_tests_run_without_a_cluster(request, monkeypatch):
+    """An integration test earlier in the session may have left this process connected to the
+    session's cluster (ray.init) or pointed at it (RAY_ADDRESS, MLPLATFORM_CLUSTER): for a unit
+    test the residency policy, the audit writer and export's driver check would then be that
+    cluster's, not the test's own."""
+    if "unit" not in request.node.path.parts:
+        return
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    for name in ("RAY_ADDRESS", "MLPLATFORM_CLUSTER"):
+        monkeypatch.delenv(name, raising=False)
+
+
 @pytest.fixture(scope="session")
-def trained_digits(three_region_cluster, tmp_path_factory) -> Path:
+def three_region_cluster() -> Iterator["LocalCluster"]:  # noqa: F821
+    """cluster_configs/local/three-region.yaml, running for the whole session."""
+    with local_cluster(REPO / "cluster_configs/local/three-region.yaml") as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
+def restricted_root() -> Iterator[Path]:
+    """A directory of this session's inside the UAE policy's `uae-restricted` storage prefix
+    (/tmp/mlplatform/): restricted data (the shipped digits spec's) may be written only there."""
+    Path("/tmp/mlplatform").mkdir(exist_ok=True)
+    root = Path(tempfile.mkdtemp(prefix="tests-", dir="/tmp/mlplatform"))
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def internal_root() -> Iterator[Path]:
+    """As restricted_root, inside the `internal` classification's prefix (/tmp/mlplatform-internal/):
+    the policy's default, for data a test registers without a classification while connected."""
+    Path("/tmp/mlplatform-internal").mkdir(exist_ok=True)
+    root = Path(tempfile.mkdtemp(prefix="tests-", dir="/tmp/mlplatform-internal"))
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def restricted_tmp(restricted_root, request) -> Path:
+    """A fresh directory for one test under restricted_root."""
+    return Path(tempfile.mkdtemp(prefix=request.node.name[:40] + "-", dir=restricted_root))
+
+
+@pytest.fixture(scope="session")
+def trained_digits(three_region_cluster, restricted_root) -> Path:
     """A digits artifact trained once per session by mlplatform.train on the cluster (the shipped
     config, 2 epochs to keep it cheap), for tests that need what real training writes."""
     import ray
@@ -85,7 +149,7 @@ def trained_digits(three_region_cluster, tmp_path_factory) -> Path:
     from mlplatform.train import TrainSpec, train
 
     spec = config.load(REPO / "jobs/configs/digits.yaml", TrainSpec)
-    spec = spec.model_copy(update={"epochs": 2, "storage_path": str(tmp_path_factory.mktemp("trained-digits"))})
+    spec = spec.model_copy(update={"epochs": 2, "storage_path": str(restricted_root / "trained-digits")})
     connect(three_region_cluster.name)
     try:
         return Path(train(spec).artifact_dir)

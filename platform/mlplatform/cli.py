@@ -11,6 +11,7 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 
@@ -96,7 +97,8 @@ def _cluster_render(a: argparse.Namespace) -> None:
 def _export(a: argparse.Namespace) -> int:
     from mlplatform.export import export_model, format_report, make_spec
 
-    report = export_model(a.model, make_spec(a.config, quantize=a.quantize, threads=a.threads), root=a.root)
+    spec = make_spec(a.config, quantize=a.quantize, threads=a.threads, classification=a.classification)
+    report = export_model(a.model, spec, root=a.root)
     print(format_report(report))
     return 0 if all(report.deployable.values()) else 1
 
@@ -297,19 +299,29 @@ def _residency_check(a: argparse.Namespace) -> None:
     policy = _residency_policy(a.name)
     selector = preflight(spec, policy=policy)
     name = policy.resolve(spec.classification)
-    policy.check_storage(name, spec.storage_path, "storage_path")
     print(f"ok  {a.config}: {name!r} work may run in {policy.where(name)}; workers get {selector}; "
           f"nodes there can hold all {spec.num_workers} ({time.perf_counter() - started:.1f} s)")
+
+
+def _flushed_trail(name: str | None) -> Path:
+    """The running cluster's audit trail, with the records workers left for its writer moved in."""
+    from mlplatform.cluster import connect, local
+    from mlplatform.residency import audit, writer
+
+    cluster = local.find(name)
+    connect(cluster.name)
+    writer.flush(cluster.name)
+    return audit.default_path(cluster.name)
 
 
 def _residency_audit(a: argparse.Namespace) -> int:
     from mlplatform.cluster import local
     from mlplatform.residency import audit
 
-    path = audit.default_path(local.find(a.name).name)
     if a.path:
-        print(path)
+        print(audit.default_path(local.find(a.name).name))
         return 0
+    path = _flushed_trail(a.name)
     if a.verify:
         report = audit.verify(path)
         if report.ok:
@@ -320,6 +332,97 @@ def _residency_audit(a: argparse.Namespace) -> int:
     for record in audit.read(path):
         print(json.dumps(record, sort_keys=True))
     return 0
+
+
+def _residency_apply(a: argparse.Namespace) -> None:
+    from mlplatform import residency
+
+    _residency_policy(a.name)  # connected, and the cluster runs under a policy
+    new = residency.load(a.policy)
+    old = residency.apply(new)
+    print(f"ok  policy {new.name!r} in force (was {old.name!r}); new workers and jobs follow it")
+
+
+def _residency_sweep(a: argparse.Namespace) -> int:
+    from mlplatform.residency import audit, record
+    from mlplatform.residency.sweep import sweep
+
+    policy = _residency_policy(a.name)
+    _flushed_trail(a.name)  # the guard's own records first, then the sweep's
+    checked, findings = sweep(policy, a.job)
+    record("sweep", job_id=a.job, placements=len(checked), outside=len(findings),
+           findings=[f.to_json() for f in findings[:100]])
+    if a.json:
+        print(json.dumps({"policy": policy.name, "placements": len(checked), "outside": [f.to_json() for f in findings]},
+                         indent=2))
+        return 1 if findings else 0
+    if findings:
+        print(table(["JOB", "KIND", "NAME", "STATE", "NODE", "REGION", "CLASSIFICATION"], [
+            [f.placement.job_id, f.placement.kind, f.placement.name, f.placement.state, f.placement.node_id[:12],
+             f.placement.region or "-", f.classification] for f in findings
+        ]), file=sys.stderr)
+        print(f"OUTSIDE  {len(findings)} of {len(checked)} actor(s)/task(s) ran outside the regions their job's "
+              f"classification allows (policy {policy.name!r}); recorded in {audit.AUDIT_FILE}", file=sys.stderr)
+        return 1
+    jobs = len({p.job_id for p in checked})
+    print(f"ok  {len(checked)} actor(s)/task(s) of {jobs} job(s) ran inside their classification's regions "
+          f"(policy {policy.name!r}, from Ray's state API)")
+    return 0
+
+
+def _residency_report(a: argparse.Namespace) -> None:
+    import os
+
+    from mlplatform.errors import SpecError
+    from mlplatform.registry import ROOT_ENV
+    from mlplatform.residency import CLUSTER_ENV, audit, report
+
+    if a.job and a.model:
+        raise SpecError("Got both --job and --model; pass one of them, or neither to report every job and version.")
+    out: dict[str, Any] = {}
+    if not a.model:
+        from mlplatform.cluster import local
+
+        # An auditor may ask after the cluster is gone: a named cluster's trail needs no running cluster.
+        name = a.name or os.environ.get(CLUSTER_ENV) or local.find().name
+        running = name in {c.name for c in local.running()}
+        out["audit_trail"] = str(_flushed_trail(name) if running else audit.default_path(name))
+        out["jobs"] = report.jobs(out["audit_trail"], a.job)
+    if not a.job:
+        if a.model or a.root or os.environ.get(ROOT_ENV):
+            out["registry"] = a.root or os.environ.get(ROOT_ENV)
+            out["versions"] = report.versions(a.root, a.model)
+        else:  # nothing to read; say so rather than fail the jobs half of the report
+            out["registry"], out["versions"] = None, []
+    if a.json:
+        print(json.dumps(out, indent=2, sort_keys=True))
+        return
+    if "jobs" in out:
+        print(f"Jobs (audit trail {out['audit_trail']}):")
+        print(table(["JOB", "WHAT", "CLASSIFICATION", "RAN IN REGIONS", "ON NODES", "DENIED", "STOPPED OUTSIDE"], [
+            [j["job_id"], ",".join(sorted({f"{p['what']} {p['name']}" for p in j["placements"] or j["denials"]})) or "-",
+             j["classification"] or "-", ",".join(j["regions"]) or "not recorded", _short_ids(j["node_ids"]),
+             len(j["denials"]) or "-", len(j["violations"]) or "-"]
+            for j in out["jobs"]
+        ]) if out["jobs"] else "  none recorded")
+    if "versions" in out:
+        if "jobs" in out:
+            print()
+        if out["registry"] is None:
+            print(f"Model versions: no registry (pass --root or set {ROOT_ENV}).")
+            return
+        print(f"Model versions (registry {out['registry']}):")
+        print(table(["VERSION", "ALIASES", "CLASSIFICATION", "TRAINED IN", "ON NODES", "STORED AT", "STORAGE REGION"], [
+            [v["ref"], ",".join(v["aliases"]) or "-", v["classification"] or "-",
+             ",".join(v["training_regions"]) or "not recorded", _short_ids(v["training_node_ids"]), v["stored_at"],
+             v["storage_region"] or "-"]
+            for v in out["versions"]
+        ]) if out["versions"] else "  none registered")
+
+
+def _short_ids(ids: Sequence[str]) -> str:
+    # Ray node ids are 56 hex digits; 12 tell the nodes of one cluster apart (as `residency sweep` prints them).
+    return ",".join(i[:12] for i in ids) or "-"
 
 
 def _registry_verify(a: argparse.Namespace) -> int:
@@ -443,6 +546,24 @@ COMMANDS: dict[tuple[str, ...], Command] = {
         (_NAME, arg("--verify", action="store_true", help="Check the hash chain; exit 1 naming the first bad record."),
          arg("--path", action="store_true", help="Print the audit file's path.")),
     ),
+    ("residency", "apply"): Command(
+        _residency_apply,
+        "Change the running cluster's policy; refused while running jobs work under a rule it changes.",
+        (_NAME, arg("--policy", required=True, help="Policy YAML, e.g. cluster_configs/residency/uae.yaml.")),
+    ),
+    ("residency", "sweep"): Command(
+        _residency_sweep,
+        "Every actor and task (Ray's own included) checked, from Ray's state API, against its job's classification.",
+        (_NAME, arg("--job", help="Only this job id (hex, as `ray list jobs` shows)."),
+         arg("--json", action="store_true", help="Machine-readable output.")),
+    ),
+    ("residency", "report"): Command(
+        _residency_report,
+        "Where each job ran (audit trail) and each model version was trained and is stored (registry).",
+        (_NAME, _ROOT, arg("--job", help="Only this job id."),
+         arg("--model", metavar="REF", help="Only this version: NAME, NAME@VERSION or NAME@ALIAS."),
+         arg("--json", action="store_true", help="Machine-readable output.")),
+    ),
     ("registry", "verify"): Command(
         _registry_verify, "Check a version's files against its manifest hashes; exit 1 if any differ.", (_ROOT, _REF)
     ),
@@ -454,6 +575,7 @@ COMMANDS: dict[tuple[str, ...], Command] = {
             arg("--quantize", choices=["int8", "none"], help="Override the spec's `quantize`."),
             arg("--config", metavar="PATH", help="ExportSpec YAML, e.g. jobs/configs/export-digits.yaml."),
             arg("--threads", type=int, help="Threads for the CPU benchmark (torch and ORT alike)."),
+            arg("--classification", help="Keep or raise the source version's classification (never lower it)."),
             _ROOT,
         ),
     ),
@@ -486,7 +608,7 @@ COMMANDS: dict[tuple[str, ...], Command] = {
 GROUP_HELP = {
     "cluster": "Ray clusters: up, down, status, env, token, render-kuberay.",
     "registry": "Model registry: list, show, diff, alias, promote, rollback, history, migrate, verify.",
-    "residency": "Data residency: show the cluster's policy, check a spec against it, audit trail.",
+    "residency": "Data residency: show the cluster's policy, check a spec against it, sweep where work ran, audit trail, report.",
     "train": "Training: plan (what would run, memory per ZeRO stage).",
     "serve": "Serving on Ray Serve: check, deploy, status, delete, keys.",
     "serve keys": "API keys of a Serve application: create, list, revoke.",

@@ -103,16 +103,28 @@ def _stage_residency(name: str, state: dict) -> str:
           f"workers' selector {record['selector']}")
     for (what, region), count in sorted(ran.items()):
         print(f"  {count:4d} x {what:<40} {region}")
-    workers = {region for (what, region) in ran if what == "RayTrainWorker"}
-    if workers != {"me-central-1"}:
-        raise PlatformError(f"{state['run']}'s train workers ran in {sorted(workers)}; the policy allows me-central-1")
     outside = sorted({what for (what, region) in ran if region != "me-central-1"})
+    if outside:
+        raise PlatformError(f"{state['run']}: {', '.join(outside)} ran outside me-central-1, which the policy forbids")
     report = audit.verify(trail)
     if not report.ok:
         raise PlatformError(f"the audit trail {trail} is broken: {report.reason}")
-    leak = f"; Ray-internal work outside the UAE: {', '.join(outside)} (issue 12)" if outside else ""
-    return (f"train workers only in me-central-1 (Ray state API); audit chain of {report.records} records intact"
-            + leak)
+    state["job_id"] = record["job_id"]
+    return (f"all {sum(ran.values())} actors and tasks, Ray Train's and Ray Data's own included, in me-central-1 "
+            f"(Ray state API); audit chain of {report.records} records intact")
+
+
+def _stage_residency_report(name: str, state: dict) -> str:
+    from mlplatform.cli import main
+
+    # The auditor's view, as `mlplatform residency report` prints it: where the run ran, and where
+    # each version of the model (trained and exported) was trained and is stored.
+    for args in (["--job", state["job_id"]], ["--model", f"{MODEL}@latest"]):
+        if main(["residency", "report", "--name", name, "--root", REGISTRY, *args]) != 0:
+            raise PlatformError(f"`mlplatform residency report {' '.join(args)}` failed; its error is above.")
+    if main(["residency", "sweep", "--name", name, "--job", state["job_id"]]) != 0:
+        raise PlatformError(f"`mlplatform residency sweep` found work of {state['run']} outside its regions (above).")
+    return f"report printed for job {state['job_id']} and {MODEL}@latest; the sweep found nothing outside"
 
 
 def _stage_register(name: str, state: dict) -> str:
@@ -317,6 +329,7 @@ STAGES: list[tuple[str, Callable[[str, dict], str]]] = [
     ("register the artifact (versioned, hashed)", _stage_register),
     ("export ONNX + INT8 with accuracy gates (ray job submit jobs/export.py)", _stage_export),
     (f"serve {SERVE_APP} (keys, batching, autoscaling) under load", _stage_serve),
+    ("residency report: where the job ran, where each model version was trained and is stored", _stage_residency_report),
 ]
 
 

@@ -23,7 +23,7 @@ def submit(cluster, *args):
     return result.stdout
 
 
-def test_train_register_export_through_job_submit(three_region_cluster, tmp_path):
+def test_train_register_export_through_job_submit(three_region_cluster, restricted_tmp):
     from mlplatform import registry
     from mlplatform.export import ExportReport
     from mlplatform.train import load_model, read_metadata
@@ -39,8 +39,9 @@ def test_train_register_export_through_job_submit(three_region_cluster, tmp_path
     # What the two workers' DeepSpeed engines ran, as they reported it.
     assert [(e["zero_stage"], e["bf16"], e["world_size"]) for e in training["engine"]] == [(2, True, 2)] * 2
     assert load_model(artifact) is not None
+    ran_only_in_the_uae(three_region_cluster, run)
 
-    root = str(tmp_path / "registry")
+    root = str(restricted_tmp / "registry")  # restricted models live inside the policy's prefixes
     trained = registry.register(artifact, "digits", root=root)
     out = submit(
         three_region_cluster, "jobs/export.py", "--model", trained.ref, "--quantize", "int8",
@@ -52,7 +53,41 @@ def test_train_register_export_through_job_submit(three_region_cluster, tmp_path
     assert exported.lineage.extra["exported_from"] == trained.ref
     assert {"model.onnx", "model.int8.onnx", "export_report.json"} <= {f.path for f in exported.files}
     assert registry.verify(exported.ref, root=root).ok
-    fetched = tmp_path / "fetched"
+    fetched = restricted_tmp / "fetched"
     registry.fetch(exported.ref, fetched, root=root)
     report = ExportReport.from_json(json.loads((fetched / "export_report.json").read_text()))
     assert report.deployable == {"onnx_fp32": True, "onnx_int8": True}
+
+
+def ran_only_in_the_uae(cluster, run: str) -> None:
+    """Issue 12's done-when: every actor and task of the submitted job, Ray Train's and Ray Data's
+    own included, ran on a me-central-1 node, as Ray's state API reports it; the sweep agrees."""
+    import ray
+    from ray.util.state import list_actors, list_tasks
+
+    from mlplatform.cluster import connect, inventory
+    from mlplatform.residency import audit
+
+    trail = audit.default_path(cluster.name)
+    job_id = next(r["job_id"] for r in audit.read(trail, "placement") if r.get("name") == run)
+    region_of = {n.node_id: n.labels["ray.io/availability-region"] for n in inventory(cluster.name)}
+    connect(cluster.name)
+    try:
+        job = [("job_id", "=", job_id)]
+        actors = list_actors(filters=job, detail=True, limit=10_000, raise_on_missing_output=False)
+        tasks = list_tasks(filters=job, detail=True, limit=10_000, raise_on_missing_output=False)
+    finally:
+        ray.shutdown()
+    placed = [(a.class_name, region_of[a.node_id]) for a in actors if a.node_id]
+    placed += [(t.name, region_of[t.node_id]) for t in tasks if t.node_id]
+    assert {"RayTrainWorker", "TrainController"} <= {name for name, _ in placed}, placed
+    assert [p for p in placed if p[1] != "me-central-1"] == []
+    swept = mlplatform("residency", "sweep", "--job", job_id, "--name", cluster.name)
+    assert swept.returncode == 0 and swept.stdout.startswith("ok  "), swept.stdout + swept.stderr
+    verified = mlplatform("residency", "audit", "--verify", "--name", cluster.name)
+    assert verified.returncode == 0, verified.stderr
+
+
+def mlplatform(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mlplatform", *args], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(REPO / "platform")})

@@ -35,12 +35,13 @@ def _spec(name: str, model: str, root, canary: dict) -> dict:
 
 
 @pytest.fixture(scope="module")
-def serving(three_region_cluster, tmp_path_factory):
+def serving(three_region_cluster, internal_root):
     import ray
     from ray import serve
 
-
-    work = tmp_path_factory.mktemp("canary")
+    # Registered while connected, under the cluster's policy: unclassified test models are
+    # `internal` (the default), stored under that classification's prefix.
+    work = internal_root / "canary"
     port = serve_on_free_port(three_region_cluster)
     try:
         yield f"http://127.0.0.1:{port}", work / "registry", work / "artifacts"

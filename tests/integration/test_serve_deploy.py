@@ -93,6 +93,9 @@ def test_serve_deploy_serves_the_shipped_config_with_keys(deployed):
     replicas = [a for a in list_actors(filters=[("state", "=", "ALIVE")], detail=True)
                 if a.class_name.startswith("ServeReplica:digits-cpu:")]
     assert replicas and {labels[a.node_id]["ray.io/node-group"] for a in replicas} == {"cpu"}
+    # uae-restricted (as shipped): the replicas and the HTTP proxy carrying its requests stay in the UAE.
+    proxies = [a for a in list_actors(filters=[("state", "=", "ALIVE"), ("class_name", "=", "ProxyActor")], detail=True)]
+    assert proxies and {labels[a.node_id]["ray.io/availability-region"] for a in replicas + proxies} == {"me-central-1"}
 
 
 def test_serve_deploy_with_bad_args_fails_with_the_spec_error(deployed, three_region_cluster):

@@ -27,9 +27,10 @@ from mlplatform.train import TrainSpec, load_model, read_metadata, train
 DIGITS = REPO / "jobs/configs/digits.yaml"
 
 
-def digits_spec(tmp_path: Path, **update) -> TrainSpec:
+def digits_spec(restricted_tmp: Path, **update) -> TrainSpec:
+    """The shipped spec; uae-restricted, so its storage lies inside the policy's prefixes."""
     spec = config.load(DIGITS, TrainSpec)
-    return spec.model_copy(update={"storage_path": str(tmp_path / "runs"), **update})
+    return spec.model_copy(update={"storage_path": str(restricted_tmp / "runs"), **update})
 
 
 def reload_accuracy(artifact_dir: str) -> float:
@@ -74,8 +75,8 @@ def check_artifact(artifact_dir: str, stage: int) -> dict:
 
 
 @pytest.mark.parametrize("stage", [0, 3])
-def test_zero_stage_trains_digits_to_the_bar(ray_on_three_region, tmp_path, stage):
-    spec = digits_spec(tmp_path, zero_stage=stage, name=f"digits-zero{stage}")
+def test_zero_stage_trains_digits_to_the_bar(ray_on_three_region, restricted_tmp, stage):
+    spec = digits_spec(restricted_tmp, zero_stage=stage, name=f"digits-zero{stage}")
     result = train(spec)
     assert result.zero_stage == stage and result.precision == "bf16"
     assert result.steps == result.steps_trained == 8 * 22  # 8 epochs × (1437 train rows // 2 workers // 32) steps
@@ -88,7 +89,7 @@ def test_zero_stage_trains_digits_to_the_bar(ray_on_three_region, tmp_path, stag
     ]
 
 
-def test_worker_killed_from_outside_resumes_from_the_newest_complete_checkpoint(ray_on_three_region, tmp_path):
+def test_worker_killed_from_outside_resumes_from_the_newest_complete_checkpoint(ray_on_three_region, restricted_tmp):
     # A Ray Train worker SIGKILLed mid-run (its pid read from Ray's state API). Ray Train registers
     # a checkpoint only at its next poll, so the run must resume from the newest checkpoint whose
     # manifest is complete on storage, and lose at most one checkpoint interval.
@@ -97,7 +98,7 @@ def test_worker_killed_from_outside_resumes_from_the_newest_complete_checkpoint(
     from mlplatform.train import checkpoints
     from mlplatform._internal.storage import filesystem
 
-    spec = digits_spec(tmp_path, name="digits-kill")
+    spec = digits_spec(restricted_tmp, name="digits-kill")
     spec = spec.model_copy(update={"checkpoint": spec.checkpoint.model_copy(update={"every_n_steps": 20})})
     run_dir = Path(spec.storage_path, spec.name)
     steps_log = run_dir / "steps.log"
@@ -134,23 +135,23 @@ def test_worker_killed_from_outside_resumes_from_the_newest_complete_checkpoint(
     check_artifact(result.artifact_dir, 2)
 
 
-def test_selector_no_node_satisfies_fails_before_any_worker_starts(ray_on_three_region, tmp_path):
-    spec = digits_spec(tmp_path)
+def test_selector_no_node_satisfies_fails_before_any_worker_starts(ray_on_three_region, restricted_tmp):
+    spec = digits_spec(restricted_tmp)
     spec = spec.model_copy(update={"placement": spec.placement.model_copy(update={"label_selector": {"ray.io/node-group": "tpu"}})})
     with pytest.raises(PreflightError, match="placement.label_selector.*no alive node matches"):
         train(spec)
     assert not list(Path(spec.storage_path, spec.name).glob("checkpoint_*"))
 
 
-def test_more_workers_than_the_group_can_hold_fails_fast(ray_on_three_region, tmp_path):
+def test_more_workers_than_the_group_can_hold_fails_fast(ray_on_three_region, restricted_tmp):
     # The `cpu` group is one 4-CPU node: 5 one-CPU workers can never be placed there.
-    spec = digits_spec(tmp_path, num_workers=5, global_batch_size=160)
+    spec = digits_spec(restricted_tmp, num_workers=5, global_batch_size=160)
     with pytest.raises(PreflightError, match="`num_workers`.*at most 4 workers.*Lower `num_workers` to 4"):
         train(spec)
 
 
-def test_spot_exclusion_keeps_workers_off_the_spot_gpu_group(ray_on_three_region, tmp_path):
-    spec = digits_spec(tmp_path)
+def test_spot_exclusion_keeps_workers_off_the_spot_gpu_group(ray_on_three_region, restricted_tmp):
+    spec = digits_spec(restricted_tmp)
     placement = spec.placement.model_copy(update={"label_selector": {"ray.io/node-group": "gpu"}, "allow_spot": False})
     with pytest.raises(PreflightError, match="no alive node matches.*allow_spot"):
         train(spec.model_copy(update={"placement": placement}))

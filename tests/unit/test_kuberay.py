@@ -59,7 +59,9 @@ def test_groups_keep_their_place_labels_and_auth():
                    # the shared metadata store, from a Secret (no password in the manifest)
                    "MLPLATFORM_METADATA_URL": {"secretKeyRef": {"name": "mlplatform-metadata", "key": "url", "optional": True}},
                    # every Ray process on the pod works for this cluster, under its residency policy
-                   "MLPLATFORM_CLUSTER": "three-region", "MLPLATFORM_RESIDENCY_POLICY": residency.encode(policy)}
+                   "MLPLATFORM_CLUSTER": "three-region", "MLPLATFORM_RESIDENCY_POLICY": residency.encode(policy),
+                   # and every worker process there starts under the residency guard
+                   **residency.guard.node_env()}
     gpu = next(g for g in manifest["workerGroupSpecs"] if g["groupName"] == "gpu")
     assert gpu["labels"] == {"mlplatform.io/simulated-gpu": "true"}
 

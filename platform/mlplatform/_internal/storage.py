@@ -3,20 +3,30 @@
 Every capability turns a user's path or URI into a pyarrow filesystem here, writes files that
 readers must never see half-written here, and locks here, so that residency checks (which
 region a URI is in) and the metadata store have one place to hook into.
+
+Confinement: inside `confine(prefixes, reason)` every writer here refuses, before writing a
+byte, a location outside `prefixes` (ResidencyError). The residency capability opens one for
+data of a classification (`residency.confined`); this layer knows prefixes, not policies.
+Confinement holds for the code running in the block (a ContextVar): other threads and processes
+(Ray workers) are not confined by it and enter their own.
 """
 
 from __future__ import annotations
 
+import contextvars
 import os
+import posixpath
 import shutil
 import socket
+import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
-from mlplatform.errors import PlatformError
+from mlplatform.errors import PlatformError, ResidencyError
 
 HOME_ENV = "MLPLATFORM_HOME"
 
@@ -35,6 +45,134 @@ def absolute(text: str | os.PathLike[str]) -> str:
     """A URI unchanged; a local path with `~` expanded and made absolute (pyarrow needs both)."""
     text = os.fspath(text)
     return text if is_uri(text) else str(Path(text).expanduser().absolute())
+
+
+def normal_prefix(text: str | os.PathLike[str]) -> str:
+    """A location as prefixes are compared: absolute, normalised, file:// as a plain path, ending in '/'.
+
+    The trailing '/' makes a prefix match whole path components only (/data/uae never matches
+    /data/uae-public); normalising '..' stops /data/uae/../elsewhere passing as inside /data/uae.
+    """
+    text = os.fspath(text)
+    if text.startswith("file://"):
+        text = text[len("file://"):] or "/"
+    if is_uri(text):
+        scheme, rest = text.split("://", 1)
+        text = f"{scheme}://{posixpath.normpath(rest)}" if rest else text
+    else:
+        text = os.path.normpath(absolute(text))
+    return text if text.endswith("/") else text + "/"
+
+
+def within(location: str | os.PathLike[str], prefixes: Sequence[str]) -> bool:
+    """Whether `location` lies under one of `prefixes` (no prefixes: anywhere)."""
+    where = normal_prefix(location)
+    return not prefixes or any(where.startswith(normal_prefix(p)) for p in prefixes)
+
+
+@dataclass(frozen=True)
+class Confinement:
+    """Where writes may go for the current block, and why (shown in the refusal)."""
+
+    prefixes: tuple[str, ...]  # normalised; empty: anywhere
+    reason: str
+
+
+# Nested confinements all apply (each may only narrow), so a stack rather than one value.
+_CONFINED: contextvars.ContextVar[tuple[Confinement, ...]] = contextvars.ContextVar("mlplatform_confined", default=())
+
+
+@contextmanager
+def confine(prefixes: Sequence[str], reason: str) -> Iterator[Confinement]:
+    """Refuse, for the block, every write of this layer outside `prefixes` (empty: anywhere).
+
+    `reason` says whose data it is, e.g. "'uae-restricted' data under residency policy 'uae'".
+    """
+    confinement = Confinement(tuple(normal_prefix(p) for p in prefixes), reason)
+    token = _CONFINED.set((*_CONFINED.get(), confinement))
+    try:
+        yield confinement
+    finally:
+        _CONFINED.reset(token)
+
+
+def confinements() -> tuple[Confinement, ...]:
+    """The confinements in force here, outermost first."""
+    return _CONFINED.get()
+
+
+def check_write(location: str | os.PathLike[str], field: str | None = None) -> None:
+    """Refuse (ResidencyError) a write to `location` that a confinement in force forbids.
+
+    Every writer here calls it before its first byte; code writing through a library (pyarrow,
+    torch, ONNX Runtime) calls it on the destination first. `field` names the input it came from.
+    """
+    for c in _CONFINED.get():
+        if not within(location, c.prefixes):
+            given = f"Got {os.fspath(location)!r} for `{field}`" if field else f"Refusing to write {os.fspath(location)!r}"
+            raise ResidencyError(
+                f"{given}: {c.reason} may only be stored under {', '.join(c.prefixes)}. Nothing was written "
+                f"there. Use a location under one of those prefixes."
+            )
+
+
+def temp_dir(prefix: str) -> Path:
+    """A new private scratch directory where the confinements in force allow writing.
+
+    Unconfined: the system's temporary directory. Confined: under the first local prefix every
+    confinement allows, so scratch copies of restricted data stay inside its prefixes too.
+    """
+    confined = _CONFINED.get()
+    places = [p for c in confined for p in c.prefixes if not is_uri(p)] + [tempfile.gettempdir()]
+    base = next((p for p in places if all(within(p, c.prefixes) for c in confined)), None)
+    if base is None:
+        reasons = "; ".join(f"{c.reason}: {', '.join(c.prefixes)}" for c in confined if c.prefixes)
+        raise ResidencyError(
+            f"No local directory is allowed for scratch files ({reasons}). Add a local path prefix to the "
+            f"classification's `storage_prefixes` in the residency policy, or run where one is allowed."
+        )
+    Path(base).mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=base))
+
+
+@contextmanager
+def tempfile_dir(directory: str | os.PathLike[str]) -> Iterator[None]:
+    """Point Python's default temporary directory (`tempfile.tempdir`) at `directory` for the block.
+
+    Libraries (ONNX Runtime quantization, the torch ONNX exporter) write scratch copies of a
+    model through `tempfile`, which this layer never sees; this keeps those inside `directory`.
+    Process-wide: for a single-purpose driver (an export), not beside unrelated threads.
+    """
+    check_write(directory)
+    before = tempfile.tempdir
+    tempfile.tempdir = os.fspath(directory)
+    try:
+        yield
+    finally:
+        tempfile.tempdir = before
+
+
+@contextmanager
+def open_output(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
+    """A local file (parents created, replaced if present) for a streaming writer; fsynced on close.
+
+    Not atomic by itself: for files inside a directory that `staging_dir`/`replace_dir` or a
+    rename publishes later.
+    """
+    check_write(path)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        yield f
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def copy_file(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+    """Copy a local file's bytes to `dst`, parents created."""
+    check_write(dst)
+    Path(dst).parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(src, dst)
 
 
 def filesystem(
@@ -66,6 +204,7 @@ def atomic_write(path: str | os.PathLike[str], data: bytes | str, mode: int = 0o
     one of the two versions, never a torn or empty file. `mode` applies from creation (a secret
     written with 0o600 is never readable by others, not even for a moment).
     """
+    check_write(path)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:12]}")
@@ -85,6 +224,7 @@ def atomic_write(path: str | os.PathLike[str], data: bytes | str, mode: int = 0o
 
 def write_private(path: str | os.PathLike[str], data: bytes | str) -> None:
     """A secret (token, key file): atomic, mode 0600, in a directory only its owner can enter."""
+    check_write(path)
     Path(path).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     atomic_write(path, data, mode=0o600)
 
@@ -99,7 +239,8 @@ def file_lock(path: str | os.PathLike[str], timeout_s: float = -1) -> Iterator[N
 
     The kernel releases it when its holder dies, so a killed process never leaves a stale lock.
     `timeout_s` < 0 waits for ever, 0 fails at once; on timeout LockBusy names the holder, which
-    each holder writes into `<path>.holder`.
+    each holder writes into `<path>.holder`. A lock holds no data, so no confinement applies to
+    it (the audit trail must stay writable from confined work, for one).
     """
     from filelock import FileLock, Timeout
 
@@ -147,6 +288,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     Whatever the block writes there replaces `path` in one rename when the block ends; if the
     block fails, the temporary file is removed and `path` is left as it was.
     """
+    check_write(path)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:12]}")
@@ -161,6 +303,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
 
 def staging_dir(target: str | os.PathLike[str]) -> Path:
     """A new empty directory beside `target` to build it in before `replace_dir` (same filesystem)."""
+    check_write(target)
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = target.with_name(f".{target.name}.partial-{uuid.uuid4().hex[:8]}")
@@ -174,6 +317,7 @@ def replace_dir(staging: str | os.PathLike[str], target: str | os.PathLike[str])
     A directory cannot be renamed over a non-empty one, so an existing `target` is first
     renamed aside (still whole) and removed only once the new one is in place.
     """
+    check_write(target)
     staging, target = Path(staging), Path(target)
     aside = None
     if target.exists():

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from mlplatform.cluster import local
-from mlplatform.residency import CLUSTER_ENV
+from mlplatform.residency import CLUSTER_ENV, guard
 
 
 def cluster_env(name: str | None = None) -> dict[str, str]:
@@ -45,7 +45,10 @@ def connect(name: str | None = None, **ray_init_kwargs: Any) -> Any:
     else:
         cluster = authenticate(name)
         address = cluster.gcs_address
-        os.environ.setdefault(CLUSTER_ENV, cluster.name)  # where this driver's audit records go
+        os.environ[CLUSTER_ENV] = cluster.name  # which trail this driver's audit records go to
+        # Every worker of the platform's clusters runs the residency guard (its nodes' environment):
+        # a runtime_env may not replace it (as RAY_RUNTIME_ENV_HOOK refuses for drivers on a node).
+        guard.runtime_env_hook(ray_init_kwargs.get("runtime_env"))
     ray_init_kwargs.setdefault("logging_level", "WARNING")
     return ray.init(address=address, **ray_init_kwargs)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from mlplatform import residency
+from mlplatform.residency import guard
 from mlplatform.cluster.local import _LABEL_ENV
 from mlplatform.cluster.spec import ClusterSpec, NodeGroup
 
@@ -38,6 +39,7 @@ def render_raycluster(spec: ClusterSpec, image: str = DEFAULT_IMAGE, policy: Res
     env = [{"name": residency.CLUSTER_ENV, "value": spec.name}, _METADATA_URL]
     if policy is not None:
         env.append({"name": residency.POLICY_ENV, "value": residency.encode(policy)})
+        env += [{"name": name, "value": value} for name, value in guard.node_env().items()]
     return {
         "apiVersion": "ray.io/v1",
         "kind": "RayCluster",

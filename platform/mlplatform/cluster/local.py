@@ -35,6 +35,7 @@ from pathlib import Path
 import tenacity
 
 from mlplatform import residency
+from mlplatform.residency import guard
 from mlplatform._internal import storage
 from mlplatform.cluster.spec import (
     GROUP_LABEL,
@@ -167,8 +168,12 @@ def _up(spec: ClusterSpec, config: str, timeout_s: float) -> LocalCluster:
     # Every Ray worker process on every node inherits the policy: no job can leave it out.
     env.pop(residency.POLICY_ENV, None)
     env[residency.CLUSTER_ENV] = spec.name
+    for name in guard.node_env():
+        env.pop(name, None)
     if policy is not None:
         env[residency.POLICY_ENV] = residency.encode(policy)
+        # ...and every worker process of every job starts with the residency guard (see guard.py).
+        env.update(guard.node_env())
 
     # The GCS address is known once the head runs; until then it stays empty in the state.
     cluster = LocalCluster(

@@ -6,11 +6,11 @@ import contextlib
 import io
 import logging
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
 
+from mlplatform._internal import storage
 from mlplatform.errors import ExportError, OnnxModelError
 
 from mlplatform.export._data import Signature
@@ -22,6 +22,7 @@ def export_fp32(model, sig: Signature, opset: int, path: Path, model_ref: str) -
     """Trace `model` with the dynamo exporter into `path`, batch axis dynamic, other axes fixed."""
     import torch
 
+    storage.check_write(path)  # torch writes the file itself
     # Batch 2, not 1: torch.export specializes a dimension traced at size 0 or 1.
     example = torch.from_numpy(sig.example(2))
     batch = torch.export.Dim("batch")
@@ -49,6 +50,7 @@ def optimize(src: Path, dst: Path) -> None:
     """
     import onnxruntime as ort
 
+    storage.check_write(dst)  # ONNX Runtime writes the file itself
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
     options.optimized_model_filepath = str(dst)
@@ -69,12 +71,13 @@ def quantize_int8(
 
     pre = work / "model.pre.onnx"
     quantized = work / "model.int8.raw.onnx"
+    storage.check_write(work)  # onnxruntime.quantization writes its files itself
     try:
         # Shape inference + fusions that quantization expects (the "pre-process" step ORT recommends).
         with contextlib.redirect_stdout(io.StringIO()):
             quant_pre_process(str(src), str(pre))
     except Exception:  # symbolic shape inference fails on some graphs; quantize the plain graph then
-        shutil.copyfile(src, pre)
+        storage.copy_file(src, pre)
     try:
         with _quiet(""):
             if mode == "dynamic":

@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ _RAW_ONNX = "model.raw.onnx"
 
 
 def make_spec(config: str | os.PathLike | None = None, *, quantize: str | None = None,
-              threads: int | None = None) -> ExportSpec:
+              threads: int | None = None, classification: str | None = None) -> ExportSpec:
     """An ExportSpec from an optional YAML file with command-line overrides applied (validated).
 
     Raises:
@@ -40,7 +39,9 @@ def make_spec(config: str | os.PathLike | None = None, *, quantize: str | None =
         data["quantize"] = quantize
     if threads is not None:
         data["benchmark"]["threads"] = threads
-    return _config.validate(data, ExportSpec, "--quantize/--threads")
+    if classification is not None:
+        data["classification"] = classification
+    return _config.validate(data, ExportSpec, "--quantize/--threads/--classification")
 
 
 def export_model(
@@ -56,6 +57,9 @@ def export_model(
     The new version holds the source version's files unchanged plus model.onnx,
     model.int8.onnx and export_report.json; its lineage records `exported_from` (the
     source ref) and the gate metrics. The returned report carries the new `version_ref`.
+    Its classification is the source version's, or `spec.classification` if that keeps or
+    raises it; everything the export writes (scratch included) stays within that
+    classification's storage prefixes under the cluster's residency policy.
 
     Args:
         ref: 'name', 'name@3', 'name@latest' or 'name@alias'.
@@ -65,37 +69,88 @@ def export_model(
     Raises:
         ModelNotFound, VersionNotFound, AliasNotFound, IntegrityError, EncryptionKeyError,
         RegistryNotWritable (from the registry); InputSignatureError, HoldoutDataError,
-        OnnxModelError, ExportError (export itself). Nothing is registered on any of them.
+        OnnxModelError, ExportError (export itself); ResidencyError (classification lowered or
+        unknown, registry root outside its storage prefixes). Nothing is registered on any of them.
     """
-    from mlplatform import registry
+    from mlplatform import registry, residency
+    from mlplatform.errors import ResidencyError
 
     spec = spec or ExportSpec()
     parent = registry.resolve(ref, root=root)
-    registry.check_writable(root, spec.name or parent.name)  # before the export work, not after it
-    work = Path(tempfile.mkdtemp(prefix="mlplatform-export-"))
+    policy = residency.current()
     try:
-        src = work / "source"
-        # The pinned version, not `ref`: an alias moved meanwhile must not change what is exported.
-        registry.fetch(parent.ref, src, root=root, key=key)
-        report = export_artifact(
-            src, work / "exported", spec, source_ref=parent.ref, fallback_signature=parent.lineage.input_signature
+        # Made from the source's data, the export keeps its classification or a higher one.
+        classification = residency.inherit(
+            policy, parent.lineage.classification, spec.classification,
+            field="classification", source=f"the source version {parent.ref}",
         )
-        overrides: dict[str, Any] = {
-            "metrics": {**parent.lineage.metrics, **_lineage_metrics(report)},
-            "extra": {
-                "exported_from": parent.ref,
-                "export": {"deployable": report.deployable, "opset": report.opset, "quantization": report.quantization},
-            },
-        }
-        if parent.lineage.input_signature:
-            overrides["input_signature"] = parent.lineage.input_signature
-        version = registry.register(
-            work / "exported", spec.name or parent.name, root=root, lineage=overrides,
-            encrypt_key=_encrypt_key(key) if parent.encrypted else None, actor=actor,
-        )
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if policy is not None:
+            _check_where_this_runs(policy, classification, parent.ref)
+        with residency.confined(policy, classification):
+            registry.check_writable(root, spec.name or parent.name)  # before the export work, not after it
+            # Scratch copies (the decrypted source, ONNX files, the libraries' own temporary
+            # files) stay inside the classification's storage prefixes too.
+            work = storage.temp_dir("mlplatform-export-")
+            try:
+                with storage.tempfile_dir(work):
+                    version, report = _export_and_register(parent, spec, work, classification, root, key, actor)
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
+    except ResidencyError as e:
+        residency.record("denial", what="export", model=parent.name, source=parent.ref, reason=str(e))
+        raise
     return dataclasses.replace(report, version_ref=version.ref)
+
+
+def _check_where_this_runs(policy: Any, classification: str, ref: str) -> None:
+    """Export runs in this process: it must be inside the classification's regions (the runtime
+    guard's check, for a driver), and where it ran goes to the audit trail like a job's placement."""
+    import ray
+
+    from mlplatform import residency
+    from mlplatform.residency import guard
+
+    if not ray.is_initialized():
+        if not os.environ.get("RAY_ADDRESS"):
+            return  # not in a Ray job nor connected: no cluster node to check
+        ray.init(logging_level="WARNING")  # the job's cluster (`ray job submit` sets RAY_ADDRESS)
+    guard.check_driver(policy, classification)
+    context = ray.get_runtime_context()
+    region = context.get_node_labels().get(residency.REGION_LABEL)
+    residency.record("placement", what="export", name=ref, job_id=context.get_job_id(), policy=policy.name,
+                     classification=classification, selector={})
+    residency.record("ran", what="export", name=ref, job_id=context.get_job_id(), classification=classification,
+                     regions=[region or "(none)"], node_ids=[context.get_node_id()])
+
+
+def _export_and_register(parent: Any, spec: ExportSpec, work: Path, classification: str | None,
+                         root: Any, key: Any, actor: str | None) -> tuple[Any, ExportReport]:
+    from mlplatform import registry
+
+    src = work / "source"
+    # The pinned version, not `ref`: an alias moved meanwhile must not change what is exported.
+    registry.fetch(parent.ref, src, root=root, key=key)
+    report = export_artifact(
+        src, work / "exported", spec, source_ref=parent.ref, fallback_signature=parent.lineage.input_signature
+    )
+    overrides: dict[str, Any] = {
+        "metrics": {**parent.lineage.metrics, **_lineage_metrics(report)},
+        "classification": classification,
+        # Where the model was trained stays part of its lineage, whoever exports it.
+        "training_regions": parent.lineage.training_regions,
+        "training_node_ids": parent.lineage.training_node_ids,
+        "extra": {
+            "exported_from": parent.ref,
+            "export": {"deployable": report.deployable, "opset": report.opset, "quantization": report.quantization},
+        },
+    }
+    if parent.lineage.input_signature:
+        overrides["input_signature"] = parent.lineage.input_signature
+    version = registry.register(
+        work / "exported", spec.name or parent.name, root=root, lineage=overrides,
+        encrypt_key=_encrypt_key(key) if parent.encrypted else None, actor=actor,
+    )
+    return version, report
 
 
 def export_artifact(
@@ -140,9 +195,9 @@ def export_artifact(
         for f in sorted(artifact_dir.rglob("*")):
             rel = f.relative_to(artifact_dir)
             if f.is_file() and str(rel) not in layout.EXPORT_FILES:
-                (staging / rel).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(f, staging / rel)
+                storage.copy_file(f, staging / rel)
         raw = staging.parent / f"{staging.name}.raw"
+        storage.check_write(raw)
         raw.mkdir()
         try:
             _onnx.export_fp32(model, sig, spec.opset, raw / _RAW_ONNX, meta.get("model_ref", "the model"))
@@ -189,7 +244,7 @@ def export_artifact(
             onnxruntime_version=onnxruntime.__version__,
             created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         )
-        (staging / layout.EXPORT_REPORT).write_text(report.dumps())
+        storage.atomic_write(staging / layout.EXPORT_REPORT, report.dumps())
         storage.replace_dir(staging, out)  # `out` was checked new or empty above
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

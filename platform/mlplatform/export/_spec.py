@@ -119,3 +119,8 @@ class ExportSpec(Spec):
     name: str | None = Field(
         None, description="Model name to register the export under; default: the source version's model name."
     )
+    classification: str | None = Field(
+        None,
+        description="Data classification of the exported version under the cluster's residency policy; default: "
+        "the source version's. It may keep or raise the source's, never lower it.",
+    )

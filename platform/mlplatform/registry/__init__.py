@@ -35,8 +35,10 @@ from mlplatform.registry._records import (
     VersionDiff,
 )
 from mlplatform.registry._register import check_writable, register
+from mlplatform.registry._store import ROOT_ENV
 
 __all__ = [
+    "ROOT_ENV",
     "AliasMove",
     "FileEntry",
     "FileProblem",

@@ -8,7 +8,9 @@ back one deployment at a time and the history stays append-only.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
+from mlplatform import residency
 from mlplatform.errors import AliasNotFound, InvalidName
 
 from mlplatform.registry import _lineage
@@ -37,7 +39,7 @@ def set_alias(
     def change(index: Index) -> AliasMove:
         return _move(index, alias, select(index, selector), "set", actor, reason)
 
-    return update_index(Store(root), name, change)
+    return _audited(Store(root), name, change)
 
 
 def promote(
@@ -63,7 +65,7 @@ def promote(
         target = select(index, from_alias, "from_alias")
         return _move(index, to_alias, target, "promote", actor, reason, source_alias=from_alias)
 
-    return update_index(Store(root), name, change)
+    return _audited(Store(root), name, change)
 
 
 def rollback(
@@ -89,7 +91,7 @@ def rollback(
             )
         return _move(index, alias, stack[-2], "rollback", actor, reason)
 
-    return update_index(Store(root), name, change)
+    return _audited(Store(root), name, change)
 
 
 def alias_history(name: str, alias: str | None = None, *, root: Root = None) -> list[AliasMove]:
@@ -105,6 +107,18 @@ def list_aliases(name: str, *, root: Root = None) -> dict[str, int]:
     """{alias: version} for model `name`."""
     check_name(name)
     return dict(sorted(read_index(Store(root), name)["aliases"].items()))
+
+
+def _audited(store: Store, name: str, change: Callable[[Index], AliasMove]) -> AliasMove:
+    """Apply an alias move, then record it in the cluster's residency audit trail (which model
+    version serves under which alias is part of where restricted data goes)."""
+    move = update_index(store, name, change)
+    residency.record(
+        "alias", registry=store.display, model=name, alias=move.alias, action=move.action,
+        from_version=move.from_version, to_version=move.to_version, actor=move.actor, reason=move.reason,
+        source_alias=move.source_alias,
+    )
+    return move
 
 
 def _move(

@@ -15,6 +15,7 @@ from dataclasses import fields
 from datetime import datetime, timezone
 from typing import Any
 
+from mlplatform import residency
 from mlplatform._internal import artifact_layout
 from mlplatform.errors import ArtifactError, RegistryError
 
@@ -31,18 +32,34 @@ def build(
     overrides: Mapping[str, Any] | None,
     source_uri: str,
     storage_fs: Any,
+    policy: Any = None,
 ) -> Lineage:
-    """Merge metadata.json, explicit `lineage` and the environment into one Lineage."""
+    """Merge metadata.json, explicit `lineage` and the environment into one Lineage.
+
+    The classification is the artifact's (under `policy`, None means the policy default); a
+    `lineage['classification']` may keep or raise it, never lower it (ResidencyError).
+    """
     values: dict[str, Any] = {}
     extra: dict[str, Any] = {}
     for key, value in (metadata or {}).items():
         # Keys the registry does not know are kept, not dropped: the training side may add some.
         (values if key in _FIELDS - _DERIVED else extra)[key] = value
-    for key, value in _check_overrides(overrides).items():
+    overrides = _check_overrides(overrides)
+    for key, value in overrides.items():
         if key == "extra":
             extra.update(value)
         else:
             values[key] = value
+    values["classification"] = residency.inherit(
+        policy, artifact_classification(metadata), overrides.get("classification"),
+        field="lineage['classification']", source=f"the artifact {source_uri} (its {METADATA_FILE})",
+    )
+    for key in ("training_regions", "training_node_ids"):
+        values[key] = values.get(key) or []
+        if not isinstance(values[key], list) or not all(isinstance(x, str) for x in values[key]):
+            raise ArtifactError(
+                f"Got {values[key]!r} for lineage `{key}`; must be a list of strings, e.g. ['me-central-1']."
+            )
     values["job_id"] = values.get("job_id") or current_job_id()
     values["storage_region"] = values.get("storage_region") or _storage_region(storage_fs)
     if values.get("metrics") is None:
@@ -55,6 +72,17 @@ def build(
     lineage = Lineage(**values, source_uri=source_uri, extra=extra)
     _check_json(lineage)
     return lineage
+
+
+def artifact_classification(metadata: Mapping[str, Any] | None) -> str | None:
+    """What the artifact's metadata.json says its data is classified: its own `classification`,
+    else its spec's (artifacts written before training recorded it resolved)."""
+    metadata = metadata or {}
+    spec = metadata.get("spec")
+    found = metadata.get("classification") or (spec.get("classification") if isinstance(spec, Mapping) else None)
+    if found is not None and not isinstance(found, str):
+        raise ArtifactError(f"Got {found!r} for `classification` in {METADATA_FILE}; must be a classification name.")
+    return found
 
 
 def read_metadata(data: bytes, uri: str) -> dict[str, Any]:
@@ -132,6 +160,11 @@ def _check_overrides(overrides: Mapping[str, Any] | None) -> dict[str, Any]:
         raise RegistryError(
             f"Got unknown key(s) {unknown} in `lineage`; allowed keys are {allowed}. Put "
             f"anything else under 'extra'."
+        )
+    if not isinstance(overrides.get("classification", ""), (str, type(None))):
+        raise RegistryError(
+            f"Got {overrides['classification']!r} for `lineage['classification']`; must be a classification "
+            f"name such as 'uae-restricted', or None to keep the artifact's."
         )
     if "extra" in overrides and not isinstance(overrides["extra"], Mapping):
         raise RegistryError("`lineage['extra']` must be a mapping of names to JSON values.")

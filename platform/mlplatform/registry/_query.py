@@ -15,7 +15,8 @@ from mlplatform.registry._store import Store
 Root = str | os.PathLike[str] | None
 _MISSING = None  # a key present in only one version diffs against None
 _LINEAGE_COMPARED = (
-    "dataset_fingerprint", "model_ref", "input_signature", "job_id", "storage_region",
+    "dataset_fingerprint", "model_ref", "input_signature", "job_id", "storage_region", "classification",
+    "training_regions",
 )
 
 

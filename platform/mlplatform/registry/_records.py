@@ -27,7 +27,13 @@ class FileEntry:
 
 @dataclass(frozen=True)
 class Lineage:
-    """Where a version came from: the training run, its data, and where it was stored."""
+    """Where a version came from: the training run, its data, and where it was stored.
+
+    `classification` (residency) follows lineage: a version is never classified lower than its
+    artifact's metadata.json or, for an export, than its source version. `training_regions` and
+    `training_node_ids` say where the training ran; where the version is stored is `Version.uri`
+    (and `storage_region`). Versions registered before these fields read them as None / [].
+    """
 
     spec: Any = None
     metrics: dict[str, Any] = field(default_factory=dict)
@@ -37,6 +43,9 @@ class Lineage:
     model_ref: str | None = None
     input_signature: Any = None
     source_uri: str | None = None
+    classification: str | None = None
+    training_regions: list[str] = field(default_factory=list)
+    training_node_ids: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
 
 

@@ -15,15 +15,16 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from mlplatform import residency
 from mlplatform._internal import storage
-from mlplatform.errors import ArtifactError, EncryptionKeyError, ModelNotFound, RegistryError
+from mlplatform.errors import ArtifactError, EncryptionKeyError, ModelNotFound, RegistryError, ResidencyError
 
 from mlplatform.registry import _lineage
 from mlplatform.registry._crypto import ALGORITHM, CHUNK_BYTES, chunks, encrypt_chunk
 from mlplatform.registry._index import Index, database, read_index, refuse_unmigrated, update_index, version_numbers
 from mlplatform.registry._keys import KeyProvider, as_provider
 from mlplatform.registry._names import check_name
-from mlplatform.registry._records import Encryption, FileEntry, Version, manifest_to_json
+from mlplatform.registry._records import Encryption, FileEntry, Lineage, Version, manifest_to_json
 from mlplatform.registry._store import Store, staging_token
 
 
@@ -35,6 +36,7 @@ def check_writable(root: str | os.PathLike[str] | None = None, name: str | None 
     if name is not None:
         check_name(name)
     store = Store(root)
+    storage.check_write(store.display, "root")  # a confinement in force (residency) refuses it first
     store.ensure_writable(name)
     database(store)  # reachable, and its schema current
 
@@ -53,13 +55,20 @@ def register(
     Args:
         artifact_dir: local path or URI of the training artifact; its metadata.json, if
             present, supplies spec, metrics, dataset_fingerprint, input_signature, model_ref.
-        lineage: overrides for those fields (and job_id, storage_region, extra).
+        lineage: overrides for those fields (and job_id, storage_region, classification,
+            training_regions, training_node_ids, extra). `classification` may keep or raise
+            the artifact's, never lower it.
         encrypt_key: encrypt the files at rest with AES-256-GCM under this key
             (a KeyProvider such as key_from_env(), 32 bytes, or base64/hex text).
         actor: who registers; defaults to the OS user.
 
+    Under the cluster's residency policy the version's classification decides where its
+    files may be stored: a `root` outside its storage prefixes is refused before a byte is
+    written. Each registration is recorded in the cluster's audit trail.
+
     Raises:
-        InvalidName, ArtifactError, RegistryNotWritable, EncryptionKeyError, RegistryLockTimeout.
+        InvalidName, ArtifactError, RegistryNotWritable, EncryptionKeyError, RegistryLockTimeout,
+        ResidencyError (classification lowered or unknown, `root` outside its storage prefixes).
     """
     check_name(name)
     provider = as_provider(encrypt_key, "encrypt_key")
@@ -71,8 +80,28 @@ def register(
         metadata = _lineage.read_metadata(
             _read_source(src_fs, path, src_uri), f"{src_uri}/{_lineage.METADATA_FILE}"
         )
-    lineage_ = _lineage.build(metadata, lineage, src_uri, store.fs)
+    policy = residency.current()
+    try:
+        lineage_ = _lineage.build(metadata, lineage, src_uri, store.fs, policy)
+        with residency.confined(policy, lineage_.classification):
+            # Before the writability probe and the embedded database: both write under `root`.
+            storage.check_write(store.display, "root")
+            version = _register(store, name, listing, src_fs, src_dir, src_uri, lineage_, provider, actor)
+    except ResidencyError as e:
+        residency.record("denial", what="register", model=name, source=src_uri, reason=str(e))
+        raise
+    residency.record(
+        "artifact", what="register", registry=store.display, model=name, version=version.version, uri=version.uri,
+        classification=lineage_.classification, storage_region=lineage_.storage_region,
+        training_regions=lineage_.training_regions, training_node_ids=lineage_.training_node_ids,
+        job_id=lineage_.job_id, source=src_uri,
+    )
+    return version
 
+
+def _register(store: Store, name: str, listing: dict[str, int], src_fs: Any, src_dir: str, src_uri: str,
+              lineage_: Lineage, provider: KeyProvider | None, actor: str | None) -> Version:
+    """The copy and the index transaction of register(), under the caller's confinement."""
     data_key, encryption = None, None
     if provider is not None:
         data_key = os.urandom(32)  # a fresh data key per version; only its wrapped form is stored

@@ -17,7 +17,7 @@ import logging
 import os
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any, BinaryIO
 
 from mlplatform._internal import storage
@@ -111,6 +111,7 @@ class Store:
         """
         where = self.path(name, ".staging") if name else self.root
         probe = f"{where}/.write-probe-{uuid.uuid4().hex}"
+        storage.check_write(self.uri(probe))  # even the empty probe is a write
         try:
             self.fs.create_dir(where, recursive=True)
             with self.fs.open_output_stream(probe) as f:
@@ -126,20 +127,20 @@ class Store:
     @contextmanager
     def open_output(self, path: str) -> Iterator[BinaryIO]:
         """A new file at `path` (parents created); on local disks it is fsynced on close."""
-        # Only opening is wrapped: an OSError raised by the caller's block (say, reading
-        # the source) must not be reported as this file being unwritable.
-        with self._writing(path):
-            self.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-            f = open(path, "wb") if self.local else self.fs.open_output_stream(path)
-        try:
+        with ExitStack() as files:
+            # Only opening is wrapped: an OSError raised by the caller's block (say, reading
+            # the source) must not be reported as this file being unwritable.
+            with self._writing(path):
+                if self.local:
+                    f = files.enter_context(storage.open_output(path))
+                else:
+                    storage.check_write(self.uri(path))
+                    self.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+                    f = files.enter_context(self.fs.open_output_stream(path))
             yield f
-            if self.local:
-                f.flush()
-                os.fsync(f.fileno())
-        finally:
-            f.close()
 
     def move(self, src: str, dst: str) -> None:
+        storage.check_write(self.uri(dst))
         with self._writing(dst):
             self.fs.create_dir(dst.rsplit("/", 1)[0], recursive=True)
             self.fs.move(src, dst)  # rename on local disks: atomic

@@ -15,13 +15,9 @@ from typing import Any
 
 from mlplatform import config
 from mlplatform.errors import ResidencyError, SpecError
+from mlplatform.residency.names import CLUSTER_ENV, KV_KEY, KV_NAMESPACE, POLICY_ENV, REGION_LABEL
 from mlplatform.residency.policy import ResidencyPolicy
 
-POLICY_ENV = "MLPLATFORM_RESIDENCY_POLICY"
-# Which cluster this process works for: set on every node by `cluster up`, and by connect().
-CLUSTER_ENV = "MLPLATFORM_CLUSTER"
-KV_NAMESPACE = "mlplatform"
-KV_KEY = "residency/policy"
 
 
 def load(path: str | os.PathLike[str], regions: set[str] | None = None) -> ResidencyPolicy:
@@ -59,18 +55,18 @@ def publish(gcs_address: str, policy: ResidencyPolicy) -> None:
 def current() -> ResidencyPolicy | None:
     """The policy of the cluster this process runs on or is connected to (None: the cluster has none).
 
-    Inside the cluster, the node's environment; outside, the GCS (needs ray.init first).
+    The GCS holds the policy in force (`apply` changes it there); a node's environment holds the
+    one the cluster started with, for processes not connected to Ray.
     """
-    text = os.environ.get(POLICY_ENV)
-    if not text:
-        import ray
+    import ray
 
-        if not ray.is_initialized():
-            return None
+    text = None
+    if ray.is_initialized():
         from ray.experimental import internal_kv
 
         raw = internal_kv._internal_kv_get(KV_KEY, namespace=KV_NAMESPACE)
         text = raw.decode() if raw else None
+    text = text or os.environ.get(POLICY_ENV)
     if not text:
         return None
     try:
@@ -82,12 +78,77 @@ def current() -> ResidencyPolicy | None:
         ) from None
 
 
+def apply(policy: ResidencyPolicy) -> ResidencyPolicy:
+    """Make `policy` the connected cluster's policy; returns the one it replaces.
+
+    Refused while a job that declared a classification runs and the new policy changes that
+    classification's rule: its workers already placed, and the data already written, followed the
+    old one. New workers (their guard reads the GCS) and new jobs follow the new policy.
+
+    Raises:
+        ResidencyError: the cluster has no policy, the policy names a region the cluster lacks, or
+            restricted work runs under a rule the new policy changes.
+    """
+    import ray
+    from ray.experimental import internal_kv
+
+    from mlplatform.residency import guard
+
+    old = current()
+    if old is None:
+        raise ResidencyError(
+            "This cluster was started without a residency policy, so its nodes run no residency guard; name the "
+            "policy in the cluster spec (`residency_policy:`) and start it again with `mlplatform cluster up`."
+        )
+    policy.check_regions({n.get("Labels", {}).get(REGION_LABEL) for n in ray.nodes() if n["Alive"]} - {None})
+    own = ray.get_runtime_context().get_job_id()
+    affected = []
+    for job_id in _running_jobs():
+        name = guard.declared(job_id) if job_id != own else None
+        if name and old.classifications.get(name) != policy.classifications.get(name):
+            affected.append(f"{job_id} ({name})")
+    if affected:
+        record("denial", what="policy", policy=policy.name, reason=f"running: {', '.join(affected)}")
+        raise ResidencyError(
+            f"Got policy {policy.name!r}; it changes the rules of classifications that running job(s) "
+            f"{', '.join(affected)} work under. Wait until they finish (`ray job list`) or stop them, then apply it."
+        )
+    internal_kv._internal_kv_put(KV_KEY, encode(policy), overwrite=True, namespace=KV_NAMESPACE)
+    record("policy", old=old.name, new=policy.name, old_sha256=_sha256(encode(old)), new_sha256=_sha256(encode(policy)))
+    return old
+
+
+def _running_jobs() -> list[str]:
+    from ray.util.state import list_jobs
+
+    return [j.job_id for j in list_jobs(limit=10_000, raise_on_missing_output=False)
+            if j.job_id and str(j.status).rsplit(".", 1)[-1] == "RUNNING"]
+
+
+def _sha256(text: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def record(kind: str, **fields: Any) -> None:
-    """Append one record to the cluster's audit trail (see audit.py); a no-op off a known cluster."""
+    """Append one record to the cluster's audit trail (see audit.py); a no-op off a known cluster.
+
+    A process connected to Ray sends it to the cluster's one writer on the head node (writer.py),
+    wherever the process runs; one not connected appends to the file on its own machine.
+    """
     from mlplatform.residency import audit as trail
 
     name = os.environ.get(CLUSTER_ENV)
-    if name:
+    if not name:
+        return
+    import ray
+
+    if ray.is_initialized():
+        from mlplatform.residency import writer
+
+        writer.send(name, kind, fields)
+    else:
         trail.append(trail.default_path(name), kind, **fields)
 
 

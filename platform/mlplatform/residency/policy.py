@@ -17,9 +17,8 @@ from pydantic import Field, field_validator, model_validator
 from mlplatform._internal import placement, storage
 from mlplatform.config import Spec
 from mlplatform.errors import ResidencyError
+from mlplatform.residency.names import REGION_LABEL, ZONE_LABEL
 
-REGION_LABEL = "ray.io/availability-region"
-ZONE_LABEL = "ray.io/availability-zone"
 ANY_REGION = "*"
 _NAME = re.compile(r"^[a-z][a-z0-9-]{0,39}$")
 
@@ -49,7 +48,7 @@ class ClassificationRule(Spec):
     @field_validator("storage_prefixes")
     @classmethod
     def _prefixes(cls, v: list[str]) -> list[str]:
-        return [_normal_prefix(p) for p in v]
+        return [storage.normal_prefix(p) for p in v]
 
     def any_region(self) -> bool:
         return self.regions == [ANY_REGION]
@@ -140,8 +139,22 @@ class ResidencyPolicy(Spec):
         return regions + (f" (zones {', '.join(rule.zones)})" if rule.zones else "")
 
     def allows_storage(self, classification: str | None, location: str) -> bool:
-        prefixes = self.rule(classification).storage_prefixes
-        return not prefixes or any(_normal_location(location).startswith(p) for p in prefixes)
+        return storage.within(location, self.rule(classification).storage_prefixes)
+
+    def at_least_as_restrictive(self, a: str | None, b: str | None) -> bool:
+        """Whether data classified `a` may go only where data classified `b` may (a ≥ b).
+
+        By the compute it may touch: a's regions within b's (`*` is the least restrictive), and
+        if b names zones, a's zones within them. Storage prefixes do not order classifications:
+        the policy gives each its own, so they never nest.
+        """
+        ra, rb = self.rule(a), self.rule(b)
+        if rb.any_region():
+            regions = True
+        else:
+            regions = not ra.any_region() and set(ra.regions) <= set(rb.regions)
+        zones = not rb.zones or (bool(ra.zones) and set(ra.zones) <= set(rb.zones))
+        return regions and zones
 
     def check_storage(self, classification: str | None, location: str, field: str) -> None:
         """Refuse, before a byte is written, a location outside the classification's prefixes."""
@@ -170,14 +183,3 @@ class ResidencyPolicy(Spec):
 
 def _one_of(values: list[str]) -> str:
     return values[0] if len(values) == 1 else f"in({','.join(values)})"
-
-
-def _normal_prefix(prefix: str) -> str:
-    """Absolute, `~` expanded, and ending in '/', so /data/uae never matches /data/uae-public."""
-    text = storage.absolute(prefix)
-    return text if text.endswith("/") else text + "/"
-
-
-def _normal_location(location: str) -> str:
-    text = storage.absolute(location)
-    return text if text.endswith("/") else text + "/"

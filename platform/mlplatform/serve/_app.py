@@ -8,6 +8,7 @@ from typing import Any
 from mlplatform import config
 from mlplatform._internal import placement, storage
 from mlplatform import residency
+from mlplatform.residency import guard
 from mlplatform.errors import ModelNotDeployable, PlacementError, ResidencyError
 from mlplatform.serve._contract import Contract
 from mlplatform.serve._keys import default_keys_dir
@@ -53,8 +54,13 @@ def _build(spec: ServeSpec):
     refs = {role: v.ref for role, v in versions.items()}
     for role, dep in spec.deployments().items():
         _check_export_gate(versions[role], dep.variant, role)
-    selectors = _selectors(spec, residency.current())
+    policy = residency.current()
+    selectors = _selectors(spec, policy)
     _preflight(spec, selectors)
+    # Under a policy every replica's worker runs the residency guard, for the app's classification.
+    guarded = {"env_vars": {guard.CLASSIFICATION_ENV: policy.resolve(spec.classification)}} if policy else None
+    if policy is not None:
+        _check_proxies(spec, policy)
 
     def model_settings(role: str, dep: ModelDeploymentSpec) -> dict[str, Any]:
         return {
@@ -66,7 +72,7 @@ def _build(spec: ServeSpec):
         }
 
     def model(role: str, dep: ModelDeploymentSpec):
-        options = _replica_options(selectors[role], dep.num_cpus, dep.num_gpus, dep.replicas, dep.autoscaling)
+        options = _replica_options(selectors[role], dep.num_cpus, dep.num_gpus, dep.replicas, dep.autoscaling, guarded)
         return serve.deployment(model_class(dep.variant.value)).options(
             name=role, max_ongoing_requests=dep.max_ongoing_requests, max_queued_requests=dep.max_queued_requests,
             **options, **_HEALTH,
@@ -94,7 +100,8 @@ def _build(spec: ServeSpec):
         from mlplatform.serve._canary import CanaryGate
 
         # One replica: the verdict is taken once, from every ingress replica's outcomes.
-        gate_actor = {"num_cpus": 0, **({"label_selector": selectors["gate"]} if selectors["gate"] else {})}
+        gate_actor = {"num_cpus": 0, **({"label_selector": selectors["gate"]} if selectors["gate"] else {}),
+                      **({"runtime_env": guarded} if guarded else {})}
         gate = serve.deployment(CanaryGate).options(
             name="canary_gate", num_replicas=1, ray_actor_options=gate_actor, **_HEALTH,
         ).bind({
@@ -104,7 +111,7 @@ def _build(spec: ServeSpec):
         })
     host = spec.primary if ing.colocate else ing  # whose placement and limits the ingress replicas take
     options = _replica_options(selectors["primary" if ing.colocate else "ingress"], host.num_cpus,
-                               getattr(host, "num_gpus", 0), host.replicas, host.autoscaling)
+                               getattr(host, "num_gpus", 0), host.replicas, host.autoscaling, guarded)
     if ing.colocate:
         settings["local_model"] = model_settings("primary", spec.primary)
     return serve.deployment(Ingress).options(
@@ -130,18 +137,46 @@ def _selectors(spec: ServeSpec, policy) -> dict[str, dict[str, str]]:
             for role, selector in own.items()}
 
 
+def _check_proxies(spec: ServeSpec, policy) -> None:
+    """Refuse an app whose requests would pass through a Serve HTTP proxy outside its regions.
+
+    Requests carry the app's data, and Serve runs proxies where `proxy_location` says (cluster
+    wide, fixed when Serve starts): HeadOnly keeps one proxy on the head node.
+    """
+    import ray
+
+    if not ray.is_initialized():
+        return
+    from ray import serve
+
+    labels = {n["NodeID"]: dict(n.get("Labels") or {}) for n in ray.nodes()}
+    proxies = {node: labels.get(node, {}) for node in serve.status().proxies}
+    name = policy.resolve(spec.classification)
+    bad = guard.outside(policy.to_json(), name, proxies)
+    if bad:
+        regions = sorted({proxies[n].get(residency.REGION_LABEL) or "(none)" for n in bad})
+        raise ResidencyError(
+            f"Serve runs HTTP proxies in region(s) {', '.join(regions)}, which would carry the requests of app "
+            f"{spec.name!r} ({name!r} data, allowed only in {policy.where(name)}). Start Serve with "
+            "`proxy_location: HeadOnly` on a cluster whose head is inside those regions (restart Serve: "
+            "`serve shutdown`, then deploy again)."
+        )
+
+
 def _alias(ref: str) -> str | None:
     """The alias a reference names ('digits@canary' -> 'canary'); None for a number or 'latest'."""
     selector = ref.split("@", 1)[1]
     return None if selector.isdigit() or selector == "latest" else selector
 
 
-def _replica_options(selector, num_cpus, num_gpus, replicas, autoscaling) -> dict[str, Any]:
+def _replica_options(selector, num_cpus, num_gpus, replicas, autoscaling, runtime_env=None) -> dict[str, Any]:
     actor: dict[str, Any] = {"num_cpus": num_cpus}
     if num_gpus:
         actor["num_gpus"] = num_gpus
     if selector:
         actor["label_selector"] = dict(selector)
+    if runtime_env:
+        actor["runtime_env"] = runtime_env
     out: dict[str, Any] = {"ray_actor_options": actor}
     if replicas is not None:
         out["num_replicas"] = replicas

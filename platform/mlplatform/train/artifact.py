@@ -2,8 +2,9 @@
 
 An artifact directory holds WEIGHTS (consolidated fp32 weights, every parameter and buffer),
 METADATA (model_ref, model_kwargs, spec, metrics, dataset_fingerprint, input_signature,
-output_signature, created_at, ray_job_id, ...) and SAMPLE (the first training inputs, the
-drift reference); mlplatform._internal.artifact_layout names them.
+output_signature, created_at, ray_job_id, classification, training_regions, training_node_ids,
+...) and SAMPLE (the first training inputs, the drift reference); mlplatform._internal.artifact_layout
+names them.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -58,17 +60,38 @@ def read_metadata(artifact_dir: str | os.PathLike) -> dict[str, Any]:
         raise ArtifactError(f"{path}: unreadable ({e}).") from None
 
 
-def write_artifact(target: str, weights_file: str, metadata: dict[str, Any], sample_table) -> str:
-    """Write the artifact directory at `target` atomically (a complete directory or none)."""
+def write_artifact(target: str, weights_file: str, metadata: dict[str, Any], sample_table,
+                   residency: Mapping[str, Any] | None = None) -> str:
+    """Write the artifact directory at `target` atomically (a complete directory or none).
+
+    Args:
+        residency: {"classification": str | None, "regions": [...], "node_ids": [...]}: the
+            data's classification, resolved under the cluster's policy, and the regions and
+            Ray node ids the training ran on. Recorded in metadata.json as `classification`,
+            `training_regions` and `training_node_ids`, which the registry carries into every
+            version made from this artifact. None: the spec's classification, places unknown.
+    """
     import pyarrow.parquet as pq
 
+    residency = dict(residency or {})
+    unknown = sorted(set(residency) - {"classification", "regions", "node_ids"})
+    if unknown:
+        raise ArtifactError(f"Got unknown key(s) {unknown} in `residency`; use classification, regions, node_ids.")
+    spec = metadata.get("spec") or {}
+    meta = {
+        **metadata,
+        "classification": residency.get("classification") or spec.get("classification"),
+        "training_regions": sorted(set(residency.get("regions") or [])),
+        "training_node_ids": sorted(set(residency.get("node_ids") or [])),
+        "created_at": datetime.now(timezone.utc).isoformat(),
+    }
     target_path = Path(target)
     tmp = storage.staging_dir(target_path)
     try:
-        shutil.copyfile(weights_file, tmp / WEIGHTS)
+        storage.copy_file(weights_file, tmp / WEIGHTS)
+        storage.check_write(tmp / SAMPLE)  # pyarrow writes the file itself
         pq.write_table(sample_table, tmp / SAMPLE)
-        meta = {**metadata, "created_at": datetime.now(timezone.utc).isoformat()}
-        (tmp / METADATA).write_text(json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n")
+        storage.atomic_write(tmp / METADATA, json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n")
         storage.replace_dir(tmp, target_path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

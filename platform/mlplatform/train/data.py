@@ -212,12 +212,42 @@ def _data_config_class():
                 ds.context.execution_options = self._resolve_execution_options(name)
                 ds.context.execution_options.preserve_order = True
                 ds.context.execution_options.label_selector = self._selector
-                # Validation need not be equal: metrics are summed over workers.
-                for i, part in enumerate(ds.split(world_size, equal=name == "train")):
+                # Validation need not be equal (metrics are summed over workers); an unequal split
+                # only regroups whole blocks and starts no task.
+                parts = _split_equal(ds, world_size, self._selector) if name == "train" else ds.split(world_size)
+                for i, part in enumerate(parts):
                     output[i][name] = part.iterator()
             return output
 
     return DeterministicSplit
+
+
+def _split_equal(ds: ray.data.Dataset, n: int, selector: dict[str, str] | None) -> list[ray.data.Dataset]:
+    """`ds.split(n, equal=True)`, with the tasks that cut blocks placed under `selector`.
+
+    Ray 2.60's `Dataset.split_at_indices` calls its internal `_split_at_indices` without the
+    Dataset's label selector, so those tasks (SPREAD) land on any node, outside the residency
+    policy's regions too. This is the same code passing the selector (the internal function
+    takes one); the residency integration test reads every task's node from Ray's state API.
+    """
+    from ray.data._internal.execution.interfaces import RefBundle
+    from ray.data._internal.execution.interfaces.ref_bundle import BlockEntry
+    from ray.data._internal.logical.interfaces import LogicalPlan
+    from ray.data._internal.logical.operators import InputData
+    from ray.data._internal.split import _split_at_indices
+    from ray.data._internal.stats import DatasetStats
+    from ray.data.dataset import MaterializedDataset
+
+    rows = ds.count() // n  # as Dataset.split(equal=True): the last (n-1 at most) rows are dropped
+    bundle = ds._execute()
+    blocks, metadata = _split_at_indices([(e.ref, e.metadata) for e in bundle.blocks],
+                                         [rows * i for i in range(1, n + 1)], label_selector=selector)
+    parts = []
+    for refs, metas in list(zip(blocks, metadata))[:n]:
+        bundles = [RefBundle([BlockEntry(b, m)], owns_blocks=False, schema=bundle.schema) for b, m in zip(refs, metas)]
+        stats = DatasetStats(metadata={"Split": metas}, parent=ds._raw_stats())
+        parts.append(MaterializedDataset(LogicalPlan(InputData(input_data=bundles), ds.context), ds.context.copy(), stats))
+    return parts
 
 
 def data_config(selector: dict[str, str] | None = None):

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from mlplatform import residency
 from mlplatform._internal import storage
 from mlplatform.errors import PreflightError
 from mlplatform.train import checkpoints, data, engine
@@ -28,6 +29,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point; `config` is plain data built by mlplatform.train.trainer."""
     started = time.perf_counter()
     spec = TrainSpec.model_validate(config["spec"])
+    # Every file this worker writes (checkpoint scratch, step log) stays inside the data's storage prefixes.
+    with residency.confined(residency.current(), spec.classification):
+        _run(spec, config, started)
+
+
+def _run(spec: TrainSpec, config: dict[str, Any], started: float) -> None:
     worker = _join(spec, config["precision"])
     shard = _shard(spec)
     run = engine.build(spec, config["deepspeed"], config["precision"], shard.total_steps)
@@ -163,6 +170,7 @@ def _train(spec: TrainSpec, step_log: str | None, worker: _Worker, shard: _Shard
         window.steps += 1
         window.samples += micro * accum * worker.world
         if step_log and worker.rank == 0:
+            storage.check_write(step_log)
             with open(step_log, "a") as f:
                 f.write(f"{step} {os.getpid()} {time.time():.6f}\n")
         end_of_epoch = step % shard.steps_per_epoch == 0 or step == shard.total_steps
@@ -218,13 +226,16 @@ def _report(spec: TrainSpec, run, worker: _Worker, store: _Storage, step: int, t
     import ray.train
 
     if ckpt_due:
-        with tempfile.TemporaryDirectory(prefix="mlplatform-ckpt-") as tmp:
-            engine.save_checkpoint(run, tmp, step, worker.rank, spec if step == total_steps else None)
+        tmp = storage.temp_dir("mlplatform-ckpt-")  # scratch inside the storage prefixes
+        try:
+            engine.save_checkpoint(run, str(tmp), step, worker.rank, spec if step == total_steps else None)
             ray.train.report(
                 metrics,
-                checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                checkpoint=ray.train.Checkpoint.from_directory(str(tmp)),
                 checkpoint_dir_name=checkpoints.dir_name(step),
             )
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
         worker.dist.barrier()  # every rank's files are on storage: the manifest goes last
         if worker.rank == 0:
             checkpoints.mark_complete(store.fs, f"{store.run_dir}/{checkpoints.dir_name(step)}", step, worker.world)

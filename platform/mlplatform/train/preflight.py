@@ -34,6 +34,8 @@ def preflight(spec: TrainSpec, cluster: bool = True, policy: ResidencyPolicy | N
             node where the policy allows the work can hold it.
     """
     selector = placement_selector(spec, policy)
+    if policy is not None:  # checkpoints and the artifact go under storage_path: refused before a byte is written
+        policy.check_storage(spec.classification, spec.storage_path, "storage_path")
     check_model(spec)
     check_dataset(spec)
     check_storage(spec)

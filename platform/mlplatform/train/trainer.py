@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from mlplatform import residency
 from mlplatform._internal import artifact_layout as layout
 from mlplatform._internal import storage as _storage
 from mlplatform.errors import PreflightError, ResidencyError, TrainingFailed
+from mlplatform.residency import guard, sweep
 from mlplatform.train import artifact as _artifact
 from mlplatform.train import checkpoints
 from mlplatform.train import data as _data
@@ -77,18 +79,27 @@ def train(spec: TrainSpec) -> TrainResult:
     clock = _Phases(spec.name)
     the_plan = plan(spec)
     if not ray.is_initialized():
-        ray.init()
+        # In the job's environment, every worker's residency guard knows the classification from its start.
+        ray.init(runtime_env={"env_vars": {guard.CLASSIFICATION_ENV: spec.classification}} if spec.classification else None)
     policy = residency.current()
     try:
         selector = preflight(spec, policy=policy)
+        if policy is not None:
+            guard.check_driver(policy, policy.resolve(spec.classification))
     except ResidencyError as e:
         residency.record("denial", what="train", name=spec.name, job_id=_job_id(), reason=str(e))
         raise
     if policy is not None:
+        guard.declare(policy.resolve(spec.classification))
         residency.record("placement", what="train", name=spec.name, job_id=_job_id(), policy=policy.name,
                         classification=policy.resolve(spec.classification), selector=selector)
     clock.done("plan and preflight")
+    # Everything the driver writes (dataset files, the artifact) stays inside the data's storage prefixes.
+    with residency.confined(policy, spec.classification):
+        return _train(spec, the_plan, policy, selector, clock)
 
+
+def _train(spec: TrainSpec, the_plan: Plan, policy, selector: dict[str, str], clock: _Phases) -> TrainResult:
     fs, root = _run_storage(spec)
     if _storage.is_uri(spec.storage_path):
         data_root = os.path.join(tempfile.gettempdir(), "mlplatform", "datasets")
@@ -100,6 +111,7 @@ def train(spec: TrainSpec) -> TrainResult:
     clock.done("data")
     result = _fit(spec, the_plan, datasets, selector)
     clock.done("training")
+    ran = _where_it_ran(spec, policy)
 
     metrics = dict(result.metrics or {})
     # The newest complete checkpoint on storage, as the workers resume from: a run resumed at
@@ -117,7 +129,7 @@ def train(spec: TrainSpec) -> TrainResult:
                 f"{spec.name}: the last checkpoint ({final.path}) has no {layout.WEIGHTS}; the run stopped "
                 "before its final step. Submit the same spec again to resume."
             )
-        artifact_dir = _write_artifact(spec, the_plan, paths, fingerprint, datasets, str(weights), metrics, root)
+        artifact_dir = _write_artifact(spec, the_plan, paths, fingerprint, datasets, str(weights), metrics, root, ran)
     meta = _artifact.read_metadata(artifact_dir)
     clock.done("artifact")
     return TrainResult(
@@ -131,6 +143,25 @@ def train(spec: TrainSpec) -> TrainResult:
         precision=meta["training"]["precision"],
         engine=meta["training"]["engine"],
     )
+
+
+def _where_it_ran(spec: TrainSpec, policy) -> dict[str, Any] | None:
+    """Where every actor and task of this job ran, from Ray's state API, into the audit trail.
+
+    The evidence is Ray's record, not the platform's request: Ray Train's and Ray Data's own
+    actors and tasks are in it, and anything outside the classification's regions is a `violation`.
+    """
+    if policy is None:
+        return None
+    classification = policy.resolve(spec.classification)
+    time.sleep(sweep.TASK_EVENTS_DELAY_S)  # so the last tasks' events have reached the state API
+    checked, findings = sweep.sweep(policy, _job_id())
+    ran = {"classification": classification, **sweep.where(checked)}
+    residency.record("ran", what="train", name=spec.name, job_id=_job_id(), placements=len(checked),
+                     outside=len(findings), **ran)
+    for f in findings:
+        residency.record("violation", what="train", name=spec.name, **f.to_json())
+    return ran
 
 
 def _job_id() -> str | None:
@@ -209,7 +240,7 @@ def _confined_train_internals(selector: dict[str, str]) -> Iterator[None]:
             os.environ[_PREEMPTION_WATCHER_ENV] = before
 
 
-def _write_artifact(spec, the_plan, paths, fingerprint, datasets, weights, train_metrics, root) -> str:
+def _write_artifact(spec, the_plan, paths, fingerprint, datasets, weights, train_metrics, root, ran) -> str:
     import numpy as np
 
     engine = train_metrics["engine"]
@@ -247,19 +278,20 @@ def _write_artifact(spec, the_plan, paths, fingerprint, datasets, weights, train
         "ray_job_id": os.environ.get("RAY_JOB_SUBMISSION_ID") or _ray_job_id(),
     }
     target = None if _storage.is_uri(spec.storage_path) else f"{root.rstrip('/')}/{spec.name}/artifact"
-    local = target or tempfile.mkdtemp(prefix="mlplatform-artifact-")
+    local = target or str(_storage.temp_dir("mlplatform-artifact-"))
     # The metrics recorded are those of the consolidated fp32 weights on the held-out data:
     # what load_model() on the artifact reproduces.
     model = _artifact.build_with_weights(spec.model.ref, model_kwargs, weights)
     final = _artifact.evaluate(model, x_val, y_val, spec.task.value)
     kept = {k: v for k, v in train_metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     final.update({f"train_{k}": v for k, v in kept.items()})
-    _artifact.write_artifact(local, weights, {**metadata, "metrics": final}, sample)
+    _artifact.write_artifact(local, weights, {**metadata, "metrics": final}, sample, residency=ran)
     if target is None:
         import pyarrow.fs as pafs
 
         fs, inner = _run_storage(spec)
         dest = f"{inner.rstrip('/')}/{spec.name}/artifact"
+        _storage.check_write(f"{spec.storage_path.rstrip('/')}/{spec.name}/artifact", "storage_path")
         fs.create_dir(dest, recursive=True)
         pafs.copy_files(local, dest, destination_filesystem=fs)
         return f"{spec.storage_path.rstrip('/')}/{spec.name}/artifact"
