@@ -46,11 +46,14 @@ class Finding:
         return {**asdict(self.placement), "classification": self.classification, "reason": self.reason}
 
 
-def placements(job_id: str | None = None) -> list[Placement]:
-    """Every actor and task (of one job, or of all) that Ray placed on a node, with that node's region."""
+def placements(job_id: str | None = None, labels: dict[str, dict[str, str]] | None = None) -> list[Placement]:
+    """Every actor and task (of one job, or of all) that Ray placed on a node, with that node's region.
+
+    `labels`: node id → labels, if the caller has them already.
+    """
     from ray.util.state import list_actors, list_tasks
 
-    labels = _node_labels()
+    labels = _node_labels() if labels is None else labels
     filters = [("job_id", "=", job_id)] if job_id else None
     found = []
     for a in list_actors(filters=filters, detail=True, limit=_LIMIT, raise_on_missing_output=False):
@@ -68,7 +71,7 @@ def placements(job_id: str | None = None) -> list[Placement]:
 def sweep(policy: ResidencyPolicy, job_id: str | None = None) -> tuple[list[Placement], list[Finding]]:
     """(everything checked, what is outside its regions) for one job or every job."""
     labels = _node_labels()
-    checked = placements(job_id)
+    checked = placements(job_id, labels)
     classification: dict[str, str] = {}
     findings = []
     rules = policy.to_json()
