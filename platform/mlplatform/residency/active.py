@@ -15,7 +15,7 @@ from typing import Any
 
 from mlplatform import config
 from mlplatform.errors import ResidencyError, SpecError
-from mlplatform.residency.names import CLUSTER_ENV, KV_KEY, KV_NAMESPACE, POLICY_ENV, REGION_LABEL
+from mlplatform.residency.names import CLUSTER_ENV, KV_KEY, KV_NAMESPACE, POLICY_ENV
 from mlplatform.residency.policy import ResidencyPolicy
 
 
@@ -92,6 +92,7 @@ def apply(policy: ResidencyPolicy) -> ResidencyPolicy:
     import ray
     from ray.experimental import internal_kv
 
+    from mlplatform.cluster.inventory import from_ray_nodes
     from mlplatform.residency import guard
 
     old = current()
@@ -100,7 +101,7 @@ def apply(policy: ResidencyPolicy) -> ResidencyPolicy:
             "This cluster was started without a residency policy, so its nodes run no residency guard; name the "
             "policy in the cluster spec (`residency_policy:`) and start it again with `mlplatform cluster up`."
         )
-    policy.check_regions({n.get("Labels", {}).get(REGION_LABEL) for n in ray.nodes() if n["Alive"]} - {None})
+    policy.check_regions({n.region for n in from_ray_nodes(ray.nodes()) if n.alive and n.region})
     own = ray.get_runtime_context().get_job_id()
     affected = []
     for job_id in _running_jobs():

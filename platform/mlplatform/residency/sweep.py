@@ -93,7 +93,9 @@ def _node_labels() -> dict[str, dict[str, str]]:
     """Node id → labels, dead nodes included (work that ran on a node since removed still counts)."""
     import ray
 
-    return {n["NodeID"]: dict(n.get("Labels") or {}) for n in ray.nodes()}
+    from mlplatform.cluster.inventory import from_ray_nodes
+
+    return {n.node_id: dict(n.labels) for n in from_ray_nodes(ray.nodes())}
 
 
 __all__ = ["Finding", "Placement", "placements", "sweep", "where"]

@@ -25,7 +25,6 @@ from typing import Any
 from mlplatform.residency.names import KV_NAMESPACE
 
 WRITER_NAME = "audit-writer"
-_HEAD_RESOURCE = "node:__internal_head__"
 TIMEOUT_S = 60.0
 PENDING = "residency/pending/"
 
@@ -104,4 +103,6 @@ def _writer(cluster: str) -> Any:
 def _head_node_id() -> str:
     import ray
 
-    return next(n["NodeID"] for n in ray.nodes() if n["Alive"] and _HEAD_RESOURCE in n["Resources"])
+    from mlplatform.cluster.inventory import from_ray_nodes
+
+    return next(n.node_id for n in from_ray_nodes(ray.nodes()) if n.alive and n.is_head)

@@ -149,7 +149,9 @@ def _check_proxies(spec: ServeSpec, policy) -> None:
         return
     from ray import serve
 
-    labels = {n["NodeID"]: dict(n.get("Labels") or {}) for n in ray.nodes()}
+    from mlplatform.cluster.inventory import from_ray_nodes
+
+    labels = {n.node_id: dict(n.labels) for n in from_ray_nodes(ray.nodes())}
     proxies = {node: labels.get(node, {}) for node in serve.status().proxies}
     name = policy.resolve(spec.classification)
     bad = guard.outside(policy.to_json(), name, proxies)
