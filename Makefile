@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 DEMO_CLUSTER := cluster_configs/local/three-region.yaml
 
-.PHONY: demo test bench install clean prometheus postgresql
+.PHONY: demo test test-slow bench install clean prometheus postgresql
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,8 +36,13 @@ postgresql:
 	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq postgresql)
 	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { echo "PostgreSQL's initdb is missing after installing it: apt-get install postgresql, then rerun"; exit 1; }
 
+# The default suite; runs marked `slow` (own clusters, preemptions) go with `make test-slow`,
+# which CI runs right after `make test`.
 test: $(VENV)/.installed-dev prometheus postgresql
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest -m "not slow" tests
+
+test-slow: $(VENV)/.installed-dev prometheus postgresql
+	$(BIN)/python -m pytest -m slow tests
 
 bench: $(VENV)/.installed-dev
 	for b in tests/benchmarks/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done

@@ -110,6 +110,18 @@ def _train_plan(a: argparse.Namespace) -> None:
     print(format_plan(plan(config.load(a.config, TrainSpec))))
 
 
+def _tune_plan(a: argparse.Namespace) -> None:
+    from mlplatform import config
+    from mlplatform.cluster import connect
+    from mlplatform.tune import TuneSpec, load_train_spec, plan
+
+    spec = config.load(a.config, TuneSpec)
+    base = load_train_spec(spec, a.config)
+    connect(a.name)
+    the_plan = plan(spec, base)
+    print(json.dumps(the_plan.to_json(), indent=2, default=str) if a.json else the_plan.describe())
+
+
 def _serve_check(a: argparse.Namespace) -> None:
     from mlplatform import serve
 
@@ -420,6 +432,46 @@ def _residency_report(a: argparse.Namespace) -> None:
         ]) if out["versions"] else "  none registered")
 
 
+def _cost_report(a: argparse.Namespace) -> None:
+    from mlplatform.cost import open_ledger
+    from mlplatform.cost.report import format_table, report
+
+    ledger = open_ledger()
+    if a.refresh:
+        from mlplatform.cluster import connect
+        from mlplatform.cost import meter
+
+        connect(a.cluster)
+        meter.refresh(ledger)
+    out = report(ledger, cluster=a.cluster, job=a.job, by=a.by)
+    print(json.dumps(out, indent=2, sort_keys=True) if a.json else format_table(out))
+
+
+def _cost_catalog(a: argparse.Namespace) -> None:
+    import os
+
+    from mlplatform.cost import catalog
+    from mlplatform.errors import CostError
+
+    path = a.config or os.environ.get(catalog.CATALOG_ENV)
+    if not path:
+        raise CostError(f"No price catalog given; pass --config FILE (e.g. cluster_configs/prices/example.yaml) "
+                        f"or set {catalog.CATALOG_ENV}.")
+    cat = catalog.load(path)
+    note = "  EXAMPLE figures, not a quote" if cat.example else ""
+    print(f"Price catalog {cat.name!r} ({cat.currency} per node-hour, as of {cat.as_of}){note}")
+    print(f"Source: {cat.source}")
+    print(table(["REGION", "NODE GROUP", "MARKET", "PER HOUR", "PREEMPTIONS/H", "INSTANCE"], [
+        [p.region, p.node_group, p.market, f"{p.per_hour:.4f}",
+         f"{p.preemption_rate_per_hour:.2f}" if p.market == "spot" else "-", p.instance_type or "-"]
+        for p in sorted(cat.prices, key=lambda p: (p.region, p.node_group, p.market))
+    ]))
+    if cat.off_peak:
+        o = cat.off_peak
+        print(f"Off-peak: {o.start}-{o.end} {o.timezone}, prices x{o.price_factor:g} "
+              f"(saves {cat.off_peak_saving():.0%})")
+
+
 def _short_ids(ids: Sequence[str]) -> str:
     # Ray node ids are 56 hex digits; 12 tell the nodes of one cluster apart (as `residency sweep` prints them).
     return ",".join(i[:12] for i in ids) or "-"
@@ -564,6 +616,22 @@ COMMANDS: dict[tuple[str, ...], Command] = {
          arg("--model", metavar="REF", help="Only this version: NAME, NAME@VERSION or NAME@ALIAS."),
          arg("--json", action="store_true", help="Machine-readable output.")),
     ),
+    ("cost", "report"): Command(
+        _cost_report,
+        "What jobs cost, from the cost ledger: by job, trial, deployment, region or market, with work lost to preemption.",
+        (arg("--cluster", default=None, help="Only this cluster's costs (default: every cluster in the ledger)."),
+         arg("--job", help="Only this job id."),
+         arg("--by", choices=["job", "trial", "deployment", "region", "market"], default="job",
+             help="Group rows by this (default job)."),
+         arg("--refresh", action="store_true", help="First meter the running cluster's jobs again from Ray's records "
+             "(jobs whose driver stopped before its last metering pass, Serve deployments)."),
+         arg("--json", action="store_true", help="Machine-readable output.")),
+    ),
+    ("cost", "catalog"): Command(
+        _cost_catalog, "Print a price catalog: node-hour prices per region, node group and market; off-peak window.",
+        (arg("--config", metavar="FILE", help="Price catalog YAML (default $MLPLATFORM_PRICE_CATALOG), e.g. "
+             "cluster_configs/prices/example.yaml."),),
+    ),
     ("registry", "verify"): Command(
         _registry_verify, "Check a version's files against its manifest hashes; exit 1 if any differ.", (_ROOT, _REF)
     ),
@@ -581,6 +649,12 @@ COMMANDS: dict[tuple[str, ...], Command] = {
     ),
     ("train", "plan"): Command(
         _train_plan, "Print the DeepSpeed plan and per-worker memory for every ZeRO stage; starts nothing.", (_TRAIN_CONFIG,)
+    ),
+    ("tune", "plan"): Command(
+        _tune_plan, "Check a TuneSpec against the running cluster and print trials, placement and a cost forecast; "
+        "starts nothing.",
+        (arg("--config", required=True, metavar="PATH", help="TuneSpec YAML, e.g. jobs/configs/tune-digits.yaml."),
+         _NAME, arg("--json", action="store_true", help="Machine-readable output.")),
     ),
     ("serve", "check"): Command(_serve_check, "Validate a Serve config file's application args.", (_SERVE_FILE,)),
     ("serve", "deploy"): Command(_serve_deploy, "Deploy a Serve config file (what `serve deploy` does, with auth).", (_SERVE_FILE, _NAME)),
@@ -609,7 +683,9 @@ GROUP_HELP = {
     "cluster": "Ray clusters: up, down, status, env, token, render-kuberay.",
     "registry": "Model registry: list, show, diff, alias, promote, rollback, history, migrate, verify.",
     "residency": "Data residency: show the cluster's policy, check a spec against it, sweep where work ran, audit trail, report.",
+    "cost": "Cost: report what jobs cost from the ledger, show a price catalog.",
     "train": "Training: plan (what would run, memory per ZeRO stage).",
+    "tune": "Hyperparameter search: plan (trials, placement, cost forecast) before `jobs/tune.py` runs it.",
     "serve": "Serving on Ray Serve: check, deploy, status, delete, keys.",
     "serve keys": "API keys of a Serve application: create, list, revoke.",
 }

@@ -71,11 +71,40 @@ def _stage_train(name: str, state: dict) -> str:
     if training["resumed_from_step"] or not training["steps"]:
         raise PlatformError(f"{run} trained {training['steps']} steps, resumed from {training['resumed_from_step']}: "
                             "the demo must train from scratch")
+    cost = meta.get("training_cost") or {}
     return (
         f"{training['steps']} steps from scratch, ZeRO-{training['zero_stage']} {training['precision']} on "
         f"{len(engine)} CPU workers ({engine[0]['optimizer']}, as the DeepSpeed engines report); "
-        f"val_accuracy {meta['metrics']['val_accuracy']:.4f}"
+        f"val_accuracy {meta['metrics']['val_accuracy']:.4f}; cost {cost.get('cost', 0):.6f} {cost.get('currency')}"
     )
+
+
+def _stage_tune(name: str, state: dict) -> str:
+    from mlplatform.cli import main
+
+    spec_path = "jobs/configs/tune-digits.yaml"
+    if main(["tune", "plan", "--config", spec_path, "--name", name]) != 0:
+        raise PlatformError("`mlplatform tune plan` failed; its error is above.")
+    experiment = f"tune-demo-{time.strftime('%Y%m%d-%H%M%S')}"
+    logs = _job(f"python jobs/tune.py --config {spec_path} --name {experiment}", name, tail=0)
+    lines = logs.splitlines()
+    table_at = next(i for i, line in enumerate(lines) if line.startswith("| trial |"))
+    print("\n".join(line for line in lines[table_at:] if line.startswith(("|", experiment, "  best", "  registered"))))
+    best = json.loads(Path(f"/tmp/mlplatform/tune/{experiment}/results/best.json").read_text())
+    state["tune_job"] = best["cost"]["job_id"]
+    trial = best["trial"]
+    return (f"trial {trial['trial']} won ({best['why']}): val_accuracy {trial['metric']:.4f} for "
+            f"{trial['cost']:.6f} {best['cost']['currency']}; search {best['cost']['cost']:.6f}; Pareto table and "
+            f"PNG in /tmp/mlplatform/tune/{experiment}/results")
+
+
+def _stage_cost(name: str, state: dict) -> str:
+    from mlplatform.cli import main
+
+    for args in (["--by", "job"], ["--job", state["tune_job"], "--by", "trial"]):
+        if main(["cost", "report", "--cluster", name, *args]) != 0:
+            raise PlatformError(f"`mlplatform cost report {' '.join(args)}` failed; its error is above.")
+    return f"ledger printed by job, and by trial for the search (job {state['tune_job']})"
 
 
 def _stage_residency(name: str, state: dict) -> str:
@@ -326,6 +355,8 @@ STAGES: list[tuple[str, Callable[[str, dict], str]]] = [
     ("hello job (ray job submit: one task per node group)", _stage_hello),
     ("train digits (ray job submit jobs/train.py, DeepSpeed ZeRO-2)", _stage_train),
     ("residency: where the restricted run ran (Ray state API) and its audit record", _stage_residency),
+    ("tune digits (cost-aware search on spot nodes, jobs/tune.py)", _stage_tune),
+    ("cost: what each job and trial cost (the ledger)", _stage_cost),
     ("register the artifact (versioned, hashed)", _stage_register),
     ("export ONNX + INT8 with accuracy gates (ray job submit jobs/export.py)", _stage_export),
     (f"serve {SERVE_APP} (keys, batching, autoscaling) under load", _stage_serve),

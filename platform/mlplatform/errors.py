@@ -149,3 +149,10 @@ class ApiKeyError(ServeError):
 
 class ResidencyError(PlatformError):
     """Work or data would leave the regions its classification allows; the message names what and where."""
+
+
+# --- cost (mlplatform.cost) ---
+
+
+class CostError(PlatformError):
+    """A price, a ledger record or a cost report cannot be given as asked (missing price, bad grouping)."""

@@ -14,8 +14,11 @@ from pydantic import BaseModel
 KINDS: dict[str, str] = {
     "cluster": "mlplatform.cluster.spec:ClusterSpec",
     "residency": "mlplatform.residency.policy:ResidencyPolicy",
+    "prices": "mlplatform.cost.catalog:PriceCatalog",
     "train": "mlplatform.train.spec:TrainSpec",
     "export": "mlplatform.export._spec:ExportSpec",
+    # A hyperparameter search; its `train:` names a TrainSpec YAML relative to the tune spec.
+    "tune": "mlplatform.tune.spec:TuneSpec",
     # A Serve config file; each application's `args:` is a ServeSpec (what build_app validates).
     "serve": "mlplatform.serve._spec:ServeConfigFile",
 }
@@ -25,7 +28,9 @@ KINDS: dict[str, str] = {
 SHIPPED: dict[str, str] = {
     "cluster_configs/local/*.yaml": "cluster",
     "cluster_configs/residency/*.yaml": "residency",
+    "cluster_configs/prices/*.yaml": "prices",
     "jobs/configs/export-*.yaml": "export",
+    "jobs/configs/tune-*.yaml": "tune",
     "jobs/configs/*.yaml": "train",
     "serve_apps/*.yaml": "serve",
 }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -114,3 +115,16 @@ def test_serve_deploy_with_bad_args_fails_with_the_spec_error(deployed, three_re
     assert "primary.batching.max_batch_size" in message and "primary.colour" in message, message
     # The healthy application next to it keeps serving.
     assert requests.get(base + "/healthz", timeout=10).status_code == 200
+
+
+def test_cost_report_meters_the_deployment_from_its_replicas(deployed, three_region_cluster):
+    """`mlplatform cost report --refresh --by deployment`: the app's replicas, metered from Ray's
+    records and priced by the cluster's catalog (the `cpu` group, on demand)."""
+    env = {**os.environ, **three_region_cluster.env(), "MLPLATFORM_CLUSTER": three_region_cluster.name}
+    out = subprocess.run([sys.executable, "-m", "mlplatform", "cost", "report", "--refresh", "--by", "deployment",
+                          "--json", "--cluster", three_region_cluster.name],
+                         capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0, out.stderr
+    rows = {r["key"]: r for r in json.loads(out.stdout)["rows"]}
+    ingress = rows["digits-cpu/ingress"]
+    assert ingress["cost"] > 0 and ingress["markets"] == ["on-demand"] and ingress["regions"] == ["me-central-1"]

@@ -36,6 +36,7 @@ import tenacity
 
 from mlplatform import residency
 from mlplatform.residency import guard
+from mlplatform.cost import catalog as price_catalog
 from mlplatform._internal import storage
 from mlplatform.cluster.spec import (
     GROUP_LABEL,
@@ -155,6 +156,7 @@ def _up(spec: ClusterSpec, config: str, timeout_s: float) -> LocalCluster:
     _clear_stale_state(spec.name, config)
     _check_ports_free(spec, config)
     policy = residency.for_cluster_spec(spec, config or None)  # a bad policy starts nothing
+    prices = price_catalog.for_cluster_spec(spec, config or None)  # nor does a catalog missing a group
 
     (cdir / "logs").mkdir(parents=True, exist_ok=True)
     token_path = cdir / "auth_token"
@@ -196,6 +198,8 @@ def _up(spec: ClusterSpec, config: str, timeout_s: float) -> LocalCluster:
         _write_state(cluster)
         if policy is not None:
             _publish_policy(cluster, policy, env)
+        if prices is not None:
+            _publish_catalog(cluster, prices, env)
         # One at a time: nodes starting side by side on one machine race for ports.
         for group in spec.worker_groups:
             for i in range(group.count):
@@ -229,6 +233,16 @@ def _publish_policy(cluster: LocalCluster, policy, env: Mapping[str, str]) -> No
     )
     if done.returncode != 0:
         raise NodeStartError(f"Could not store the residency policy in the cluster's GCS: {_tail(done.stderr)}")
+
+
+def _publish_catalog(cluster: LocalCluster, catalog, env: Mapping[str, str]) -> None:
+    """The price catalog into the GCS, for every job's cost ledger (see mlplatform.cost.catalog.current)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "mlplatform.cost.catalog", cluster.gcs_address],
+        input=price_catalog.encode(catalog), env={**env, **cluster.env()}, capture_output=True, text=True, timeout=60,
+    )
+    if done.returncode != 0:
+        raise NodeStartError(f"Could not store the price catalog in the cluster's GCS: {_tail(done.stderr)}")
 
 
 def _add_node(cluster: LocalCluster, node: NodeProcess) -> LocalCluster:

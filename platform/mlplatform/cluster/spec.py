@@ -148,6 +148,11 @@ class ClusterSpec(Spec):
         description="Residency policy file (relative to this spec), e.g. ../residency/uae.yaml; every job on the "
         "cluster is placed under it.",
     )
+    price_catalog: str | None = Field(
+        None,
+        description="Price catalog file (relative to this spec), e.g. ../prices/example.yaml; it must price every "
+        "node group, and every job's cost ledger is priced from it.",
+    )
 
     @field_validator("name")
     @classmethod

@@ -158,6 +158,7 @@ def _train(spec: TrainSpec, step_log: str | None, worker: _Worker, shard: _Shard
     loss_of = engine.loss_function(spec.task)
     gauges = _Gauges(spec.name, worker.rank)
     window = _Window()
+    notice = _Notice(worker)
     run.engine.train()
     step = start_step
     while step < shard.total_steps:
@@ -174,7 +175,8 @@ def _train(spec: TrainSpec, step_log: str | None, worker: _Worker, shard: _Shard
             with open(step_log, "a") as f:
                 f.write(f"{step} {os.getpid()} {time.time():.6f}\n")
         end_of_epoch = step % shard.steps_per_epoch == 0 or step == shard.total_steps
-        ckpt_due = step % spec.checkpoint.every_n_steps == 0 or step == shard.total_steps
+        noticed = notice.received(step)
+        ckpt_due = noticed or step % spec.checkpoint.every_n_steps == 0 or step == shard.total_steps
         log_due = step % spec.log_every_n_steps == 0
         if not (end_of_epoch or ckpt_due or log_due):
             continue
@@ -188,6 +190,54 @@ def _train(spec: TrainSpec, step_log: str | None, worker: _Worker, shard: _Shard
         if worker.rank == 0:
             _log(worker.rank, _progress_line(metrics, spec.task) + f" [{time.perf_counter() - started:.1f} s]")
         window = _Window()
+        if noticed and step < shard.total_steps:
+            notice.hand_over(step)
+
+
+# ---- preemption: a spot node's notice (Ray's node drain with a deadline) before it goes
+
+
+class _Notice:
+    """Whether this run's workers were told their spot node is going.
+
+    Ray Train's preemption watcher (pinned next to the controller by
+    mlplatform.train.preemption) marks every worker when a node of theirs drains. Every rank
+    must take the emergency checkpoint at the same step, so with several ranks the flag is
+    reduced (max) across them each step: one tiny collective, only while the run has ranks
+    on more than one process.
+    """
+
+    def __init__(self, worker: _Worker):
+        self.worker = worker
+        self.info = None
+
+    def received(self, step: int) -> bool:
+        import ray.train
+
+        info = ray.train.get_preemption_info()
+        flag = info is not None
+        if self.worker.world > 1:
+            import torch
+
+            t = torch.tensor([1 if flag else 0], dtype=torch.int32)
+            self.worker.dist.all_reduce(t, op=self.worker.dist.ReduceOp.MAX)
+            flag = bool(t.item())
+        if flag and self.info is None:
+            self.info = info
+            _log(self.worker.rank, f"preemption notice at step {step}: taking an emergency checkpoint")
+        return flag
+
+    def hand_over(self, step: int) -> None:
+        """Stop stepping after the emergency checkpoint: work done now would be lost with the node.
+
+        Ray Train restarts the worker group elsewhere once the deadline passes; waiting longer
+        than that means the notice was withdrawn, and the run is restarted from this checkpoint.
+        """
+        deadline_ms = getattr(self.info, "deadline_ms", None)
+        wait_s = max(0.0, deadline_ms / 1000 - time.time()) + 120 if deadline_ms else 300.0
+        _log(self.worker.rank, f"checkpoint of step {step} saved; waiting for the node to go (up to {wait_s:.0f} s)")
+        time.sleep(wait_s)
+        raise RuntimeError(f"preempted at step {step}, but the node was not taken; restarting from the step-{step} checkpoint")
 
 
 # ---- report: metrics every window, held-out metrics per epoch, checkpoints
@@ -197,7 +247,13 @@ def _metrics(spec: TrainSpec, run, worker: _Worker, shard: _Shard, step: int, ep
              window: _Window) -> dict[str, Any]:
     """The window's training metrics, gathered from every rank (a collective: all ranks call it)."""
     elapsed = time.perf_counter() - window.start
-    peaks = [round(float(v), 1) for v in _all_gather(worker.dist, engine.peak_memory_mb(worker.device), worker.world)]
+    import ray
+
+    # One gather for both: each rank's peak memory and node (cost metering prices the nodes).
+    gathered = _all_gather(
+        worker.dist, (engine.peak_memory_mb(worker.device), ray.get_runtime_context().get_node_id()), worker.world
+    )
+    peaks = [round(float(peak), 1) for peak, _ in gathered]
     metrics: dict[str, Any] = {
         "step": step,
         "total_steps": shard.total_steps,
@@ -208,6 +264,7 @@ def _metrics(spec: TrainSpec, run, worker: _Worker, shard: _Shard, step: int, ep
         "samples_per_s": window.samples / elapsed if elapsed > 0 else 0.0,
         "peak_memory_mb_per_worker": peaks,
         "peak_memory_mb_max": max(peaks),
+        "node_ids": [node for _, node in gathered],
         "resumed_from_step": start_step,
         # What DeepSpeed runs on each rank, read from its engine (stage, precision, loss
         # scale, offload, partition sizes): the record of the run, not a copy of the plan.

@@ -232,6 +232,10 @@ class TrainSpec(Spec):
             "must be shared by every node (NFS, S3) when nodes are on different machines."
         ),
     )
+    start: Literal["now", "off-peak"] = Field(
+        "now",
+        description="`now`, or `off-peak`: wait for the price catalog's off-peak window before any worker starts.",
+    )
     max_failures: int = Field(3, ge=-1, description="Worker-group restarts from the last checkpoint (-1: unlimited).")
     seed: int = Field(0, ge=0, description="Seed for weights, data order and dropout.")
     log_every_n_steps: int = Field(10, ge=1, description="Report loss/throughput/memory every N optimizer steps.")

@@ -61,9 +61,6 @@ class TrainResult:
         )
 
 
-_PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
-
-
 def train(spec: TrainSpec) -> TrainResult:
     """Plan, check, train on the connected Ray cluster, and write the final artifact.
 
@@ -93,13 +90,20 @@ def train(spec: TrainSpec) -> TrainResult:
         guard.declare(policy.resolve(spec.classification))
         residency.record("placement", what="train", name=spec.name, job_id=_job_id(), policy=policy.name,
                         classification=policy.resolve(spec.classification), selector=selector)
+    if spec.start == "off-peak":
+        _wait_off_peak(spec)
     clock.done("plan and preflight")
     # Everything the driver writes (dataset files, the artifact) stays inside the data's storage prefixes.
     with residency.confined(policy, spec.classification):
         return _train(spec, the_plan, policy, selector, clock)
 
 
-def _train(spec: TrainSpec, the_plan: Plan, policy, selector: dict[str, str], clock: _Phases) -> TrainResult:
+def _train(spec: TrainSpec, the_plan: Plan, policy, selector: dict[str, str], clock: _Phases, *,
+           callbacks: tuple = (), max_preemption_failures: int = -1, whole_job: bool = True) -> TrainResult:
+    """Data, fit, artifact: the run itself, after plan and preflight.
+
+    A tuning trial calls this too, with `whole_job` false: the search sweeps and meters its job once.
+    """
     fs, root = _run_storage(spec)
     if _storage.is_uri(spec.storage_path):
         data_root = os.path.join(tempfile.gettempdir(), "mlplatform", "datasets")
@@ -109,9 +113,11 @@ def _train(spec: TrainSpec, the_plan: Plan, policy, selector: dict[str, str], cl
     fingerprint = _data.fingerprint(paths)
     datasets = _data.load_datasets(spec, paths, selector)
     clock.done("data")
-    result = _fit(spec, the_plan, datasets, selector)
+    result = _fit(spec, the_plan, datasets, selector, callbacks=callbacks,
+                  max_preemption_failures=max_preemption_failures)
     clock.done("training")
-    ran = _where_it_ran(spec, policy)
+    ran = _where_it_ran(spec, policy) if whole_job else None
+    training_cost = _metered(spec, root) if whole_job else None
 
     metrics = dict(result.metrics or {})
     # The newest complete checkpoint on storage, as the workers resume from: a run resumed at
@@ -129,7 +135,8 @@ def _train(spec: TrainSpec, the_plan: Plan, policy, selector: dict[str, str], cl
                 f"{spec.name}: the last checkpoint ({final.path}) has no {layout.WEIGHTS}; the run stopped "
                 "before its final step. Submit the same spec again to resume."
             )
-        artifact_dir = _write_artifact(spec, the_plan, paths, fingerprint, datasets, str(weights), metrics, root, ran)
+        artifact_dir = _write_artifact(spec, the_plan, paths, fingerprint, datasets, str(weights), metrics, root, ran,
+                                       training_cost)
     meta = _artifact.read_metadata(artifact_dir)
     clock.done("artifact")
     return TrainResult(
@@ -164,15 +171,65 @@ def _where_it_ran(spec: TrainSpec, policy) -> dict[str, Any] | None:
     return ran
 
 
+def _wait_off_peak(spec: TrainSpec) -> None:
+    from mlplatform.cost import catalog
+    from mlplatform.errors import CostError
+
+    prices = catalog.current()
+    if prices is None:
+        raise CostError(f"{spec.name}: `start: off-peak` needs the cluster's price catalog (its off-peak window); "
+                        "name one in the cluster spec (`price_catalog:`), or use `start: now`")
+    prices.wait_for_off_peak(spec.name)
+
+
+def _metered(spec: TrainSpec, root: str) -> dict[str, Any] | None:
+    """What this job cost so far, from Ray's records priced by the cluster's catalog, into the ledger.
+
+    None on a cluster without a price catalog. Steps redone after a restart are counted as lost.
+    """
+    from mlplatform.cost import catalog, ledger, lost, meter
+
+    prices = catalog.current()
+    if prices is None:
+        return None
+    cluster, job_id = os.environ.get(residency.CLUSTER_ENV) or "local", _job_id()
+    usages = meter.meter_job(job_id, cluster, prices)
+    book = ledger.open_ledger()
+    book.record(usages)
+    step_log = f"{root.rstrip('/')}/{spec.name}/steps.log"
+    losses = [] if _storage.is_uri(spec.storage_path) else lost.from_step_logs(cluster, job_id, {None: step_log}, usages)
+    book.record_lost(losses)
+    book.record_job(cluster, job_id, "train", spec.name, ended_at=time.time(),
+                    extra={"submission_id": os.environ.get("RAY_JOB_SUBMISSION_ID")})
+    try:
+        from mlplatform.cost import metrics, report
+
+        rows = report.report(book, cluster=cluster, job=job_id, by="job")["rows"]
+        metrics.publish(rows, currency=prices.currency, by="job")
+    except Exception as e:  # noqa: BLE001 - the ledger holds the figures; Prometheus is a view of them
+        print(f"[mlplatform.train] cost metrics not published: {e}", flush=True)
+    return {**meter.describe(usages), "lost_cost": round(sum(x.cost for x in losses), 6),
+            "lost_steps": sum(x.steps for x in losses), "job_id": job_id}
+
+
 def _job_id() -> str | None:
     import ray
 
     return ray.get_runtime_context().get_job_id()
 
 
-def _fit(spec: TrainSpec, the_plan: Plan, datasets, selector: dict[str, str]):
+def _fit(spec: TrainSpec, the_plan: Plan, datasets, selector: dict[str, str], *, callbacks: tuple = (),
+         max_preemption_failures: int = -1):
+    """Ray Train's TorchTrainer.fit() for the spec, with the platform's callbacks.
+
+    A preemption notice is not the run's fault: by default Ray Train restarts from the
+    emergency checkpoint as often as spot nodes go (`max_preemption_failures=-1`); a tuning
+    trial passes 0 to choose the next market itself.
+    """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
+
+    from mlplatform.train import preemption
 
     run_dir = _run_storage(spec)[1].rstrip("/") + "/" + spec.name
     loop_config = {
@@ -199,7 +256,10 @@ def _fit(spec: TrainSpec, the_plan: Plan, datasets, selector: dict[str, str]):
             name=spec.name,
             storage_path=_storage.absolute(spec.storage_path),
             checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoint.keep_last),
-            failure_config=FailureConfig(max_failures=spec.max_failures),
+            failure_config=FailureConfig(
+                max_failures=spec.max_failures, max_preemption_failures=max_preemption_failures
+            ),
+            callbacks=[preemption.PinnedPreemptionCallback(), *callbacks],
         ),
         datasets=datasets,
         dataset_config=_data.data_config(selector),
@@ -207,7 +267,7 @@ def _fit(spec: TrainSpec, the_plan: Plan, datasets, selector: dict[str, str]):
     from ray.train import TrainingFailedError
 
     try:
-        with _confined_train_internals(selector):
+        with _pinned_preemption_watcher():
             return trainer.fit()
     except TrainingFailedError as e:
         raise TrainingFailed(
@@ -216,31 +276,31 @@ def _fit(spec: TrainSpec, the_plan: Plan, datasets, selector: dict[str, str]):
         ) from None
 
 
-@contextmanager
-def _confined_train_internals(selector: dict[str, str]) -> Iterator[None]:
-    """Ray Train's own actors stay where the workers may run.
+# Read by Ray Train where fit() starts its controller: "0" turns its unpinned watcher off.
+_RAY_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 
-    Its controller follows the driver's node and its workers the selector, but its preemption
-    watcher (Ray 2.60) is an actor with no selector that Ray may place in any region. Under a
-    residency selector it is switched off (Ray Train reads the variable from the driver's
-    environment when fit() starts its controller); a preempted spot worker is then recovered by
-    restarting from the newest complete checkpoint, as for any other worker failure.
+
+@contextmanager
+def _pinned_preemption_watcher() -> Iterator[None]:
+    """Ray Train's preemption watcher runs on the controller's node, never where Ray picks.
+
+    Its own watcher (Ray 2.60) is an actor with no selector that Ray may place in any region;
+    the run gets mlplatform.train.preemption's pinned one instead (Ray Train reads the
+    variable from the driver's environment when fit() starts its controller).
     """
-    if residency.REGION_LABEL not in selector:
-        yield
-        return
-    before = os.environ.get(_PREEMPTION_WATCHER_ENV)
-    os.environ[_PREEMPTION_WATCHER_ENV] = "0"
+    before = os.environ.get(_RAY_WATCHER_ENV)
+    os.environ[_RAY_WATCHER_ENV] = "0"
     try:
         yield
     finally:
         if before is None:
-            os.environ.pop(_PREEMPTION_WATCHER_ENV, None)
+            os.environ.pop(_RAY_WATCHER_ENV, None)
         else:
-            os.environ[_PREEMPTION_WATCHER_ENV] = before
+            os.environ[_RAY_WATCHER_ENV] = before
 
 
-def _write_artifact(spec, the_plan, paths, fingerprint, datasets, weights, train_metrics, root, ran) -> str:
+def _write_artifact(spec, the_plan, paths, fingerprint, datasets, weights, train_metrics, root, ran,
+                    training_cost=None) -> str:
     import numpy as np
 
     engine = train_metrics["engine"]
@@ -277,6 +337,8 @@ def _write_artifact(spec, the_plan, paths, fingerprint, datasets, weights, train
         },
         "ray_job_id": os.environ.get("RAY_JOB_SUBMISSION_ID") or _ray_job_id(),
     }
+    if training_cost:
+        metadata["training_cost"] = training_cost  # the registry keeps it in each version's lineage
     target = None if _storage.is_uri(spec.storage_path) else f"{root.rstrip('/')}/{spec.name}/artifact"
     local = target or str(_storage.temp_dir("mlplatform-artifact-"))
     # The metrics recorded are those of the consolidated fp32 weights on the held-out data:

@@ -56,3 +56,62 @@ registry_alias_moves = sa.Table(
     sa.ForeignKeyConstraint(["registry", "name"], ["registry_models.registry", "registry_models.name"]),
     sa.Index("ix_registry_alias_moves_model", "registry", "name", "seq"),
 )
+
+# --- cost ledger (mlplatform.cost.ledger) ---
+
+# One row per metered actor or task (or Serve replica): re-metering the same item replaces its row.
+cost_usage = sa.Table(
+    "cost_usage", metadata,
+    sa.Column("cluster", sa.Text, primary_key=True),
+    sa.Column("item_id", sa.Text, primary_key=True),
+    sa.Column("job_id", sa.Text, nullable=False),
+    sa.Column("kind", sa.Text, nullable=False),
+    sa.Column("name", sa.Text, nullable=False),
+    sa.Column("trial", sa.Text),
+    sa.Column("deployment", sa.Text),
+    sa.Column("node_id", sa.Text, nullable=False),
+    sa.Column("region", sa.Text, nullable=False),
+    sa.Column("node_group", sa.Text, nullable=False),
+    sa.Column("market", sa.Text, nullable=False),
+    sa.Column("cpus", sa.Float, nullable=False),
+    sa.Column("gpus", sa.Float, nullable=False),
+    sa.Column("share", sa.Float, nullable=False),
+    sa.Column("started_at", sa.Float, nullable=False),
+    sa.Column("ended_at", sa.Float),
+    sa.Column("seconds", sa.Float, nullable=False),
+    sa.Column("price_per_hour", sa.Float, nullable=False),
+    sa.Column("cost", sa.Float, nullable=False),
+    sa.Column("currency", sa.Text, nullable=False),
+    sa.Column("preempted", sa.Boolean, nullable=False),
+    sa.Index("ix_cost_usage_job", "cluster", "job_id"),
+)
+
+# Work lost to preemption. Unique on (cluster, job_id, trial, at) with a missing trial counted as
+# one value (an expression index), so recording the same loss twice keeps one row.
+cost_lost = sa.Table(
+    "cost_lost", metadata,
+    sa.Column("seq", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("cluster", sa.Text, nullable=False),
+    sa.Column("job_id", sa.Text, nullable=False),
+    sa.Column("trial", sa.Text),
+    sa.Column("steps", sa.Integer, nullable=False),
+    sa.Column("seconds", sa.Float, nullable=False),
+    sa.Column("cost", sa.Float, nullable=False),
+    sa.Column("currency", sa.Text, nullable=False),
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("at", sa.Float, nullable=False),
+)
+sa.Index("uq_cost_lost_event", cost_lost.c.cluster, cost_lost.c.job_id,
+         sa.func.coalesce(cost_lost.c.trial, ""), cost_lost.c.at, unique=True)
+
+# What each job was (train, tune, serve), for reports.
+cost_jobs = sa.Table(
+    "cost_jobs", metadata,
+    sa.Column("cluster", sa.Text, primary_key=True),
+    sa.Column("job_id", sa.Text, primary_key=True),
+    sa.Column("kind", sa.Text, nullable=False),
+    sa.Column("name", sa.Text, nullable=False),
+    sa.Column("started_at", sa.Float),
+    sa.Column("ended_at", sa.Float),
+    sa.Column("extra", sa.Text),  # JSON object
+)
