@@ -143,6 +143,8 @@ def test_cli_up_and_down_lifecycle(tmp_path, three_region_cluster):
     import yaml
 
     spec = with_free_ports(config.load(REPO / "cluster_configs/local/dev.yaml", cluster.ClusterSpec))
+    # The copy lives elsewhere: its catalog is named by absolute path.
+    spec = spec.model_copy(update={"price_catalog": str(REPO / "cluster_configs/prices/example.yaml")})
     path = tmp_path / "dev.yaml"
     path.write_text(yaml.safe_dump(spec.model_dump(mode="json")))
     cli = [sys.executable, "-m", "mlplatform", "cluster"]

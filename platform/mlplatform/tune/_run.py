@@ -226,17 +226,24 @@ def _open_market(context: _TrialContext) -> str:
 
 
 def _spot_went(context: _TrialContext, since: float) -> bool:
-    """Whether a node the trial could have used was drained or lost since `since` (a preemption)."""
+    """Whether a spot node the trial could use is under notice, or went, since `since` (unix s)."""
     import ray
+    from ray.util.state import list_nodes
 
-    from mlplatform.cluster.inventory import from_ray_nodes
+    from mlplatform.cluster.inventory import Node
 
-    draining = set(ray._private.state.state.get_draining_nodes())
     spot = context.selectors.get("spot")
     if spot is None:
         return False
-    nodes = from_ray_nodes(ray.nodes())
-    return any(n.matches(spot) and (not n.alive or n.node_id in draining) for n in nodes)
+    draining = set(ray._private.state.state.get_draining_nodes())
+    for n in list_nodes(detail=True, raise_on_missing_output=False):
+        node = Node(n.node_id, n.node_name, n.node_ip, n.labels or {}, n.resources_total or {}, n.state == "ALIVE",
+                    n.is_head_node)
+        if not node.matches(spot):
+            continue
+        if n.node_id in draining or (n.state == "DEAD" and (n.end_time_ms or 0) / 1000 >= since):
+            return True
+    return False
 
 
 # ---------------------------------------------------------------- metering and results
