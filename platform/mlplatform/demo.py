@@ -87,15 +87,20 @@ def _stage_tune(name: str, state: dict) -> str:
         raise PlatformError("`mlplatform tune plan` failed; its error is above.")
     experiment = f"tune-demo-{time.strftime('%Y%m%d-%H%M%S')}"
     logs = _job(f"python jobs/tune.py --config {spec_path} --name {experiment}", name, tail=0)
-    lines = logs.splitlines()
-    table_at = next(i for i, line in enumerate(lines) if line.startswith("| trial |"))
-    print("\n".join(line for line in lines[table_at:] if line.startswith(("|", experiment, "  best", "  registered"))))
-    best = json.loads(Path(f"/tmp/mlplatform/tune/{experiment}/results/best.json").read_text())
+    results = Path(f"/tmp/mlplatform/tune/{experiment}/results")
+    print((results / "pareto.md").read_text())
+    print("\n".join(line for line in logs.splitlines() if line.startswith((experiment, "  best", "  registered"))))
+    best = json.loads((results / "best.json").read_text())
     state["tune_job"] = best["cost"]["job_id"]
     trial = best["trial"]
+    from mlplatform import registry
+
+    tuned = registry.show("digits-tuned", root=REGISTRY)
+    if tuned.lineage.extra.get("tuning", {}).get("experiment") != experiment:
+        raise PlatformError(f"{tuned.ref} is not this search's winner; the job's logs say why registering failed")
     return (f"trial {trial['trial']} won ({best['why']}): val_accuracy {trial['metric']:.4f} for "
-            f"{trial['cost']:.6f} {best['cost']['currency']}; search {best['cost']['cost']:.6f}; Pareto table and "
-            f"PNG in /tmp/mlplatform/tune/{experiment}/results")
+            f"{trial['cost']:.6f} {best['cost']['currency']}; search {best['cost']['cost']:.6f}; registered "
+            f"{tuned.ref}; Pareto table and PNG in {results}")
 
 
 def _stage_cost(name: str, state: dict) -> str:

@@ -83,7 +83,8 @@ def test_a_search_runs_on_spot_and_its_ledger_is_rays_records_times_the_catalog(
     try:
         # Every trial's Train workers ran on spot nodes: read from Ray, not from the platform.
         nodes = {n.node_id: n for n in list_nodes(detail=True)}
-        workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("job_id", "=", job_id)], detail=True)
+        ray_job = job_id.split("@")[0]  # the ledger keys jobs by Ray's id and the cluster's session
+        workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("job_id", "=", ray_job)], detail=True)
         assert len(workers) >= 2
         assert {nodes[w.node_id].labels["ray.io/market-type"] for w in workers} == {"spot"}
         # Ledger = Ray's record of each worker's life × its share of the node × the catalog's price.

@@ -148,8 +148,8 @@ def test_a_preemption_notice_checkpoints_and_the_search_completes_on_demand(spot
         assert len(steps) - len(set(steps)) <= 1 and best["cost"]["lost_steps"] <= 1
         assert sorted(set(steps)) == list(range(1, max(steps) + 1)) and max(steps) == trial["steps"]
         # Before the notice on spot; after it on the on-demand node (Ray's records).
-        workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("job_id", "=", best["cost"]["job_id"])],
-                              detail=True)
+        ray_job = best["cost"]["job_id"].split("@")[0]  # the ledger's key is Ray's id @ the cluster's session
+        workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("job_id", "=", ray_job)], detail=True)
         nodes = {n.node_id: n.labels for n in list_nodes(detail=True)}
         markets = [nodes[w.node_id]["ray.io/market-type"] for w in workers]
         assert "spot" in markets and "on-demand" in markets

@@ -155,3 +155,22 @@ def test_metrics_tags_from_report_rows():
 
     assert metrics.tags({"job_id": TUNE, "key": "t1", "markets": ["spot"], "regions": ["a", "b"]}, "USD") == {
         "job": TUNE, "trial": "t1", "market": "spot", "region": "a,b", "currency": "USD"}
+
+
+def test_a_ray_job_id_names_the_newest_cluster_runs_job(tmp_path):
+    """Ray numbers jobs afresh per cluster run: `--job 05000000` is the newest run's 05000000."""
+    from mlplatform.cost.ledger import Usage, open_ledger
+    from mlplatform.cost.report import report
+
+    ledger = open_ledger(f"sqlite:///{tmp_path}/ledger.db")
+
+    def usage(job: str, item: str, started: float, cost: float) -> Usage:
+        return Usage(cluster="c", item_id=item, job_id=job, kind="actor", name="w", node_id="n", region="r",
+                     node_group="g", market="spot", cpus=1.0, gpus=0.0, share=0.5, started_at=started,
+                     ended_at=started + 10, seconds=10.0, price_per_hour=1.0, cost=cost, currency="USD")
+
+    ledger.record([usage("05000000@2026-11-26_10-00-00", "a", 1000.0, 1.0),
+                   usage("05000000@2026-11-27_02-19-02", "b", 2000.0, 2.0)])
+    out = report(ledger, cluster="c", job="05000000")
+    assert out["job"] == "05000000@2026-11-27_02-19-02" and out["total"]["cost"] == 2.0
+    assert report(ledger, cluster="c", job="05000000@2026-11-26_10-00-00")["total"]["cost"] == 1.0

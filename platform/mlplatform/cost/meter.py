@@ -36,6 +36,23 @@ _STATE_LIMIT = 10_000
 _NOTICE_MAX_S = 300.0
 
 
+def ledger_job_id(job_id: str) -> str:
+    """The ledger's key for a job of the connected cluster: Ray's job id and the cluster's session.
+
+    Ray numbers jobs afresh each time a cluster starts, so "05000000" alone would merge the
+    jobs of different cluster runs; `cost report --job 05000000` finds the newest one.
+    """
+    import ray
+
+    session = ray._private.worker.global_worker.node.session_name.removeprefix("session_")
+    return f"{job_id}@{session}"
+
+
+def ray_job_id(ledger_job: str) -> str:
+    """Ray's job id back from a ledger key."""
+    return ledger_job.split("@", 1)[0]
+
+
 def claim(trial_id: str) -> None:
     """Record that the calling actor (a tuning trial's driver) works for `trial_id`."""
     import ray
@@ -47,7 +64,10 @@ def claim(trial_id: str) -> None:
 
 
 def meter_job(job_id: str, cluster: str, catalog: _catalog.PriceCatalog, *, now: float | None = None) -> list[Usage]:
-    """Every actor and task of `job_id`, priced: one Usage per holder of resources."""
+    """Every actor and task of Ray's job `job_id`, priced: one Usage per holder of resources.
+
+    The usages are keyed by `ledger_job_id(job_id)`.
+    """
     from ray._private import state
     from ray.util.state import list_actors, list_tasks
 
@@ -62,6 +82,7 @@ def meter_job(job_id: str, cluster: str, catalog: _catalog.PriceCatalog, *, now:
     )
     creator = {t.actor_id: _actor_of(t.parent_task_id) for t in tasks if t.type == "ACTOR_CREATION_TASK"}
     owners = _trial_owners([a["ActorID"] for a in actors])
+    job_id = ledger_job_id(job_id)  # the rows' key from here on
 
     usages = []
     for a in actors:
@@ -230,9 +251,11 @@ def refresh(ledger) -> int:
     if catalog is None:
         return 0
     cluster = os.environ.get(CLUSTER_ENV) or "local"
-    jobs = {j.job_id for j in ledger.jobs(cluster=cluster)} | set(serve_jobs())
+    # Jobs of this cluster run only: earlier runs' jobs are gone from the GCS (their rows stay).
+    this_run = ledger_job_id("")
+    jobs = {ray_job_id(j.job_id) for j in ledger.jobs(cluster=cluster) if j.job_id.endswith(this_run)}
     written = 0
-    for job_id in sorted(jobs):
+    for job_id in sorted(jobs | set(serve_jobs())):
         usages = meter_job(job_id, cluster, catalog)
         written += ledger.record(usages)
     return written

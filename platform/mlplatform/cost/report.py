@@ -23,6 +23,8 @@ def report(ledger: Any, *, cluster: str | None = None, job: str | None = None, b
     """The ledger's costs grouped `by` job, trial, deployment, region or market (see the module doc)."""
     if by not in BY:
         raise CostError(f"Got {by!r} for `by`; must be one of {', '.join(BY)}.")
+    if job and "@" not in job:
+        job = _newest_run_of(ledger, cluster, job)
     usages = ledger.usages(cluster=cluster, job_id=job)
     lost = ledger.lost(cluster=cluster, job_id=job)
     currencies = sorted({u.currency for u in usages} | {x.currency for x in lost})
@@ -97,6 +99,16 @@ def format_table(report: dict[str, Any]) -> str:
     rows = [line(str(r["key"]), r["job_id"], r) for r in report["rows"]]
     rows.append(line("TOTAL", "", report["total"]))
     return table(headers, rows)
+
+
+def _newest_run_of(ledger: Any, cluster: str | None, job: str) -> str:
+    """A Ray job id (e.g. 05000000) as the ledger keys it: `<id>@<cluster session>`, the newest
+    session's when the cluster has been started several times (Ray numbers jobs afresh each time)."""
+    runs: dict[str, float] = {}
+    for u in ledger.usages(cluster=cluster):
+        if u.job_id.split("@", 1)[0] == job:
+            runs[u.job_id] = max(runs.get(u.job_id, 0.0), u.started_at)
+    return max(runs, key=runs.get) if runs else job
 
 
 def _key(by: str, cluster: str, job_id: str, trial: str | None, deployment: str | None, region: str | None,

@@ -192,8 +192,8 @@ def _metered(spec: TrainSpec, root: str) -> dict[str, Any] | None:
     prices = catalog.current()
     if prices is None:
         return None
-    cluster, job_id = os.environ.get(residency.CLUSTER_ENV) or "local", _job_id()
-    usages = meter.meter_job(job_id, cluster, prices)
+    cluster, job_id = os.environ.get(residency.CLUSTER_ENV) or "local", meter.ledger_job_id(_job_id())
+    usages = meter.meter_job(_job_id(), cluster, prices)
     book = ledger.open_ledger()
     book.record(usages)
     step_log = f"{root.rstrip('/')}/{spec.name}/steps.log"

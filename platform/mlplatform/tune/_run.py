@@ -256,8 +256,11 @@ class _Metering:
         from mlplatform.cost import ledger
 
         self.plan, self.name = the_plan, name
+        from mlplatform.cost.meter import ledger_job_id
+
         self.ledger = ledger.open_ledger()
-        self.job_id = _job_id()
+        self.ray_job = _job_id()
+        self.job_id = ledger_job_id(self.ray_job)
         self.started = time.time()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="cost-meter", daemon=True)
@@ -281,7 +284,7 @@ class _Metering:
     def meter(self):
         from mlplatform.cost import meter
 
-        usages = meter.meter_job(self.job_id, self.plan.cluster, self.plan.catalog)
+        usages = meter.meter_job(self.ray_job, self.plan.cluster, self.plan.catalog)
         self.ledger.record(usages)
         return usages
 
@@ -318,6 +321,15 @@ class _Metering:
         return totals, by_trial
 
 
+def _status(error, metrics: dict[str, Any]) -> str:
+    """ERROR; NO RESULT (stopped before its first report); STOPPED (early: ASHA, budget, target); DONE."""
+    if error:
+        return "ERROR"
+    if not metrics.get("step"):
+        return "NO RESULT"
+    return "DONE" if metrics["step"] == metrics.get("total_steps") else "STOPPED"
+
+
 def _by_trial(usages) -> dict[str, list]:
     out: dict[str, list] = {}
     for u in usages:
@@ -346,7 +358,7 @@ def _results(spec: TuneSpec, base, the_plan: TunePlan, grid, totals, by_trial, r
             "steps": m.get("step"),
             "market": ",".join(metered.get("markets", [])) or m.get("market"),
             "region": ",".join(metered.get("regions", [])) or m.get("region"),
-            "status": "ERROR" if r.error else ("STOPPED" if m.get("step") != m.get("total_steps") else "DONE"),
+            "status": _status(r.error, m),
             "artifact": f"{the_plan_runs(spec)}/{spec.name}-{trial_id}/artifact",
         })
     rows.sort(key=lambda row: row["trial"] or "")
