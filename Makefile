@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 DEMO_CLUSTER := cluster_configs/local/three-region.yaml
 
-.PHONY: demo test test-slow bench install clean prometheus postgresql
+.PHONY: demo test test-slow bench install clean prometheus postgresql chromium
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,12 +36,19 @@ postgresql:
 	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq postgresql)
 	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { echo "PostgreSQL's initdb is missing after installing it: apt-get install postgresql, then rerun"; exit 1; }
 
+# The dashboard's browser test drives Debian's chromium and chromedriver (never a downloaded browser
+# build). Unlike prometheus, a failed install does not fail `make test-slow`: that one test skips and says why.
+chromium:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null \
+		|| (apt-get update -qq && apt-get install -y -qq chromium chromium-driver) \
+		|| echo "chromium did not install: tests/integration/test_dashboard_browser.py will be skipped"
+
 # The default suite; runs marked `slow` (own clusters, preemptions) go with `make test-slow`,
 # which CI runs right after `make test`.
 test: $(VENV)/.installed-dev prometheus postgresql
 	$(BIN)/python -m pytest -m "not slow" tests
 
-test-slow: $(VENV)/.installed-dev prometheus postgresql
+test-slow: $(VENV)/.installed-dev prometheus postgresql chromium
 	$(BIN)/python -m pytest -m slow tests
 
 bench: $(VENV)/.installed-dev

@@ -46,7 +46,13 @@ def _cluster_up(a: argparse.Namespace) -> None:
     from mlplatform import cluster, config
 
     spec = config.load(a.config, cluster.ClusterSpec)
-    print(f"Starting '{spec.name}': head + {sum(g.count for g in spec.worker_groups)} worker node(s)...", flush=True)
+    if spec.autoscaled():
+        from mlplatform.cluster.autoscaler import bounds
+
+        groups = ", ".join(f"{g.name} {'{}-{}'.format(*bounds(g))}" for g in spec.worker_groups)
+        print(f"Starting '{spec.name}': head, and Ray's autoscaler for the worker groups ({groups} nodes)...", flush=True)
+    else:
+        print(f"Starting '{spec.name}': head + {sum(g.count for g in spec.worker_groups)} worker node(s)...", flush=True)
     running = cluster.up(spec, a.config, timeout_s=a.timeout)
     print_nodes(cluster.inventory(spec.name))
     print(f"\nDashboard: {running.dashboard_url}  (log in with `mlplatform cluster token`)")
@@ -58,7 +64,15 @@ def _cluster_down(a: argparse.Namespace) -> None:
     from mlplatform import cluster
 
     stopped = cluster.down(a.name)
-    print(f"Stopped '{stopped.name}': {len(stopped.nodes)} node(s).")
+    launched = " (and every node its autoscaler launched)" if stopped.autoscaled else ""
+    print(f"Stopped '{stopped.name}': {len(stopped.nodes)} node(s){launched}.")
+
+
+def _cluster_scale(a: argparse.Namespace) -> None:
+    from mlplatform.cluster import local
+
+    low, high = local.set_bounds(a.name, a.group, min_workers=a.min_workers, max_workers=a.max_workers)
+    print(f"Group '{a.group}' now scales between {low} and {high} node(s); the autoscaler acts within seconds.")
 
 
 def _cluster_status(a: argparse.Namespace) -> None:
@@ -83,15 +97,13 @@ def _cluster_token(a: argparse.Namespace) -> None:
 
 
 def _cluster_render(a: argparse.Namespace) -> None:
-    import yaml
+    from mlplatform.cluster.render import RenderOptions, render
 
-    from mlplatform import cluster, config, residency
-    from mlplatform.cluster.kuberay import render_raycluster
-
-    spec = config.load(a.config, cluster.ClusterSpec)
-    policy = residency.for_cluster_spec(spec, a.config)
-    print(f"# Rendered from {a.config} by `mlplatform cluster render-kuberay`; edit the spec, not this file.")
-    print(yaml.safe_dump(render_raycluster(spec, a.image, policy), sort_keys=False), end="")
+    options = RenderOptions(
+        image=a.image, token_secret=a.token_secret, entrypoint=a.entrypoint, classification=a.classification,
+        serve_config=a.serve_config, image_id=a.image_id, token_file=a.token_file,
+    )
+    print(render(a.target, a.config, options), end="")
 
 
 def _export(a: argparse.Namespace) -> int:
@@ -132,8 +144,9 @@ def _serve_check(a: argparse.Namespace) -> None:
 def _serve_deploy(a: argparse.Namespace) -> None:
     from mlplatform import serve
 
-    apps = serve.deploy(a.path, cluster=a.name)
-    print(f"Submitted {', '.join(apps)}; follow with `mlplatform serve status`.")
+    apps = serve.deploy(a.path, cluster=a.name, working_dir=a.working_dir)
+    shipped = f" with {a.working_dir} as their working_dir" if a.working_dir else ""
+    print(f"Submitted {', '.join(apps)}{shipped}; follow with `mlplatform serve status`.")
 
 
 def _serve_status(a: argparse.Namespace) -> None:
@@ -178,20 +191,21 @@ def _validate(a: argparse.Namespace) -> int:
     from mlplatform import config, spec_kinds
     from mlplatform.errors import PlatformError, SpecError
 
+    if a.kind is not None and a.kind not in spec_kinds.KINDS:
+        raise SpecError(f"Got {a.kind!r} for `--kind`; must be one of {', '.join(spec_kinds.KINDS)}.")
     failed = 0
     for path in a.paths:
-        kind = a.kind or spec_kinds.kind_of(path)
-        if kind is None:
-            raise SpecError(
-                f"{path}: cannot tell what kind of spec this is from where it sits; "
-                f"pass --kind ({', '.join(spec_kinds.KINDS)})."
-            )
         try:
+            # The flag, else where the file sits (the shipped folders), else its top-level keys.
+            kind, how = a.kind or spec_kinds.kind_of(path), ""
+            if kind is None:
+                kind, how = spec_kinds.kind_from_content(path), ", inferred from its keys"
             config.load(path, spec_kinds.model_for(kind))
-            print(f"ok  {path} ({kind})")
+            print(f"ok  {path} ({kind}{how})")
         except PlatformError as e:
             failed += 1
-            print(f"error: {e}", file=sys.stderr)
+            checked = f"\n  (checked as a {kind} spec{how}; pass --kind to check it as another)" if how else ""
+            print(f"error: {e}{checked}", file=sys.stderr)
     return 1 if failed else 0
 
 
@@ -550,12 +564,38 @@ COMMANDS: dict[tuple[str, ...], Command] = {
     ("cluster", "env"): Command(
         _cluster_env, 'Shell exports for `ray`, `ray job submit` and ray.init(): eval "$(mlplatform cluster env)".', (_NAME,)
     ),
-    ("cluster", "render-kuberay"): Command(
+    ("cluster", "render"): Command(
         _cluster_render,
-        "Print the spec as a KubeRay RayCluster manifest (token auth, region/zone node selectors).",
-        (_CONFIG, arg("--image", default="rayproject/ray:2.60.0-py311", help="Container image with mlplatform installed.")),
+        "Print the spec for production: a KubeRay RayCluster, RayJob or RayService, or a Ray VM launcher config.",
+        (
+            _CONFIG,
+            arg("--target", required=True,
+                help="What to render: raycluster, rayjob (needs --entrypoint), rayservice (needs --serve-config), "
+                "launcher (AWS `ray up` config; every group needs instance_type)."),
+            arg("--entrypoint", help='rayjob: what `ray job submit` runs after `--`, e.g. '
+                '"python jobs/train.py --config jobs/configs/digits.yaml".'),
+            arg("--classification", help="rayjob: the job's data classification, which pins its driver (default: the "
+                "one its --config spec declares, else the residency policy's default)."),
+            arg("--serve-config", metavar="PATH", help="rayservice: Serve config YAML, e.g. serve_apps/digits-cpu.yaml."),
+            arg("--image", help="KubeRay targets: container image with mlplatform and this repository "
+                "(default rayproject/ray:2.60.0-py311)."),
+            arg("--token-secret", help="KubeRay targets: Secret with the auth token under key auth_token "
+                "(default <cluster>-ray-token)."),
+            arg("--image-id", help="launcher: AMI id (default: AWS's Deep Learning AMI, resolved from SSM)."),
+            arg("--token-file", help="launcher: local file holding the auth token (default ~/.mlplatform/tokens/<cluster>)."),
+        ),
     ),
     ("cluster", "token"): Command(_cluster_token, "Print the cluster's auth token (the dashboard asks for it).", (_NAME,)),
+    ("cluster", "scale"): Command(
+        _cluster_scale,
+        "Change an autoscaled group's node bounds on a running local cluster (max 0 withdraws its capacity).",
+        (
+            _NAME,
+            arg("--group", required=True, help="Worker group, e.g. gpu."),
+            arg("--min-workers", type=int, help="Nodes the group never shrinks below."),
+            arg("--max-workers", type=int, help="Nodes the group never grows above (0: none may run)."),
+        ),
+    ),
     ("registry", "list"): Command(
         _registry_list, "Models, or the versions of one model with aliases and metrics.",
         (_ROOT, arg("name", nargs="?", help="Model name (omit to list models).")),
@@ -657,7 +697,13 @@ COMMANDS: dict[tuple[str, ...], Command] = {
          _NAME, arg("--json", action="store_true", help="Machine-readable output.")),
     ),
     ("serve", "check"): Command(_serve_check, "Validate a Serve config file's application args.", (_SERVE_FILE,)),
-    ("serve", "deploy"): Command(_serve_deploy, "Deploy a Serve config file (what `serve deploy` does, with auth).", (_SERVE_FILE, _NAME)),
+    ("serve", "deploy"): Command(
+        _serve_deploy, "Deploy a Serve config file (what `serve deploy` does, with auth).",
+        (_SERVE_FILE, _NAME,
+         arg("--working-dir", metavar="DIR", help="Upload DIR (e.g. `.`, holding your model module) as every "
+             "application's runtime_env working_dir, as `ray job submit --working-dir` does, so replicas import "
+             "`mymod:make_model` from it; applications that set their own working_dir keep it.")),
+    ),
     ("serve", "status"): Command(_serve_status, "Applications, deployments and replicas with their states.", (_NAME,)),
     ("serve", "delete"): Command(_serve_delete, "Delete one Serve application.", (_APP, _NAME)),
     ("serve", "keys", "create"): Command(
@@ -680,7 +726,7 @@ COMMANDS: dict[tuple[str, ...], Command] = {
 }
 
 GROUP_HELP = {
-    "cluster": "Ray clusters: up, down, status, env, token, render-kuberay.",
+    "cluster": "Ray clusters: up, down, status, env, token, render.",
     "registry": "Model registry: list, show, diff, alias, promote, rollback, history, migrate, verify.",
     "residency": "Data residency: show the cluster's policy, check a spec against it, sweep where work ran, audit trail, report.",
     "cost": "Cost: report what jobs cost from the ledger, show a price catalog.",
@@ -711,10 +757,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _cwd_importable() -> None:
+    """Put the current directory first on sys.path, as `python -m` and `ray job submit --working-dir .`
+    do, so a spec's `model: {ref: mymod:make_model}` finds ./mymod.py (the console script alone would
+    put only its own bin/ directory there)."""
+    import os
+
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `mlplatform` console script."""
     args = build_parser().parse_args(argv)
     from mlplatform.errors import PlatformError
+
+    _cwd_importable()
 
     try:
         return args.handler(args) or 0

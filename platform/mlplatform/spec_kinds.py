@@ -27,6 +27,7 @@ KINDS: dict[str, str] = {
 # matching glob decides, so specific globs come before general ones.
 SHIPPED: dict[str, str] = {
     "cluster_configs/local/*.yaml": "cluster",
+    "cluster_configs/cloud/*.yaml": "cluster",
     "cluster_configs/residency/*.yaml": "residency",
     "cluster_configs/prices/*.yaml": "prices",
     "jobs/configs/export-*.yaml": "export",
@@ -51,3 +52,52 @@ def kind_of(path: str) -> str | None:
         if tail.match(pattern):
             return kind
     return None
+
+
+def _keys_of(kind: str) -> frozenset[str]:
+    """The top-level keys a file of `kind` may hold (field names and their aliases)."""
+    fields = model_for(kind).model_fields
+    return frozenset(name for name in fields) | frozenset(f.alias for f in fields.values() if f.alias)
+
+
+def distinctive_keys() -> dict[str, frozenset[str]]:
+    """Per kind, the top-level keys no other kind has: what `kind_from_content` judges by.
+
+    Read from the models themselves, so a field added to a spec changes the inference with it.
+    """
+    keys = {kind: _keys_of(kind) for kind in KINDS}
+    return {kind: own - frozenset().union(*(k for other, k in keys.items() if other != kind)) for kind, own in keys.items()}
+
+
+def kind_from_content(path: str) -> str:
+    """The kind of a spec file, judged by its top-level keys: the one kind whose distinctive keys it uses.
+
+    Raises:
+        SpecError: the file cannot be read as a YAML mapping, or its keys point to no kind or to
+            several (the message lists the kinds and the `--kind` flag).
+    """
+    import yaml
+
+    from mlplatform.errors import SpecError
+
+    choose = f"pass --kind ({', '.join(KINDS)})"
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except OSError as e:
+        raise SpecError(f"{path}: cannot read it ({e.strerror}); check the path.") from None
+    except yaml.YAMLError as e:
+        raise SpecError(f"{path}: is not valid YAML ({str(e).splitlines()[0]}); fix it, or {choose}.") from None
+    if not isinstance(data, dict) or not data:
+        got = "an empty file" if data is None or data == {} else f"a YAML {type(data).__name__}"
+        raise SpecError(f"{path}: holds {got}, not a mapping of spec fields, so its kind cannot be told; "
+                        f"every spec is a mapping; {choose}.")
+    present = {str(k) for k in data}
+    hits = {kind: sorted(present & keys) for kind, keys in distinctive_keys().items() if present & keys}
+    if len(hits) == 1:
+        return next(iter(hits))
+    if not hits:
+        raise SpecError(f"{path}: cannot tell what kind of spec this is from where it sits or from its keys "
+                        f"({', '.join(sorted(present))}: none belongs to one kind only); {choose}.")
+    which = "; ".join(f"{kind} ({', '.join(keys)})" for kind, keys in hits.items())
+    raise SpecError(f"{path}: its keys fit more than one kind of spec: {which}; {choose}.")

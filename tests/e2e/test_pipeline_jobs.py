@@ -31,6 +31,25 @@ def test_train_register_export_through_job_submit(three_region_cluster, restrict
     # A fresh run name: the shipped one may hold a finished run, which would resume and train nothing.
     run = f"digits-e2e-{uuid.uuid4().hex[:8]}"
     out = submit(three_region_cluster, "jobs/train.py", "--config", "jobs/configs/digits.yaml", "--name", run)
+    # The job's log (what `ray job logs` prints under its own header): plain text, no progress bars'
+    # cursor moves (ESC[A) nor coloured worker prefixes.
+    from ray.job_submission import JobSubmissionClient
+
+    from mlplatform.cluster.connect import authenticate
+
+    job_id = next(w.strip("'") for line in out.splitlines() if "submitted successfully" in line for w in line.split()
+                  if w.strip("'").startswith("raysubmit_"))
+    logs = JobSubmissionClient(authenticate(three_region_cluster.name).dashboard_url).get_job_logs(job_id)
+    assert "artifact " in logs
+    # Ray 2.60 hard-codes colour (SGR, ESC[..m) in two messages of its own whatever the output: ray.init's
+    # "View the dashboard at" and log deduplication's "[repeated Nx across cluster]". What the platform
+    # controls must be plain: no cursor moves or line erases (progress bars), no coloured "(pid=...)" prefixes.
+    import re
+
+    cursor = [line for line in logs.splitlines() if re.search(r"\x1b\[[0-9;?]*[A-HJKSTfhlsu]", line)]
+    assert not cursor, f"{len(cursor)} line(s) of the job's log move the cursor (progress bars), e.g. {cursor[:3]!r}"
+    coloured = [line for line in logs.splitlines() if line.startswith("\x1b[")]
+    assert not coloured, f"{len(coloured)} line(s) of the job's log start with a colour code, e.g. {coloured[:3]!r}"
     artifact = next(line.split()[-1] for line in out.splitlines() if line.strip().startswith("artifact "))
     metadata = read_metadata(artifact)
     assert metadata["metrics"]["val_accuracy"] >= 0.95

@@ -1,15 +1,22 @@
-"""Every notebook runs top to bottom against the live cluster, and is committed without outputs."""
+"""Every notebook runs top to bottom in a real Jupyter kernel against the live cluster, renders its
+figures, and is committed without outputs."""
 
 import json
 import os
-import subprocess
-import sys
+import time
 
 import pytest
 
 from conftest import REPO
 
 NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
+CELL_TIMEOUT_S = 540  # the longest cell trains or tunes on 2 cores
+# A kernel run of each, measured on the 2-core machine (see the report in each test's output):
+# quickstart (~130 s) stays in `make test`; tuning (~60 s: two Tune trials of Ray Train + DeepSpeed) and
+# residency (~50 s: one more training run) go with `make test-slow`, keeping `make test` inside 25 minutes.
+SLOW = {"tuning.ipynb", "residency.ipynb"}
+# Notebooks that must draw: each of these leaves at least one image/png display output.
+FIGURES = {"quickstart.ipynb", "residency.ipynb", "tuning.ipynb"}
 
 
 def code_of(path):
@@ -23,12 +30,39 @@ def test_notebook_outputs_are_stripped(path):
         assert cell["outputs"] == [] and cell["execution_count"] is None, f"{path.name}: strip outputs before committing"
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
+def _failure(path, nb, error) -> str:
+    """Which cell failed, its source and the error, as the notebook would show them."""
+    for i, cell in enumerate(nb.cells):
+        errors = [o for o in cell.get("outputs", []) if o.get("output_type") == "error"]
+        if errors:
+            import re
+
+            tb = re.sub(r"\x1b\[[0-9;]*m", "", "\n".join(errors[0].get("traceback", [])))
+            return (f"{path.name}: cell {i} failed: {errors[0]['ename']}: {errors[0]['evalue']}\n"
+                    f"--- cell {i} ---\n{cell.source}\n--- traceback (end) ---\n{tb[-3000:]}")
+    return f"{path.name}: {type(error).__name__}: {str(error)[-3000:]}"
+
+
+@pytest.mark.parametrize("path", [pytest.param(p, marks=pytest.mark.slow) if p.name in SLOW else p for p in NOTEBOOKS],
+                         ids=[p.name for p in NOTEBOOKS])
 def test_notebook_runs_top_to_bottom(path, three_region_cluster):
-    # The cells run in order in one fresh interpreter, as a kernel would run them.
-    source = "\n\n".join("".join(cell["source"]) for cell in code_of(path))
-    result = subprocess.run(
-        [sys.executable, "-c", source], cwd=REPO / "notebooks", capture_output=True, text=True, timeout=300,
-        env={k: v for k, v in os.environ.items() if not k.startswith("RAY_")},
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    import nbformat
+    from nbclient import NotebookClient
+    from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernelError
+
+    nb = nbformat.read(path, as_version=4)
+    client = NotebookClient(nb, timeout=CELL_TIMEOUT_S, kernel_name="python3",
+                            resources={"metadata": {"path": str(path.parent)}})
+    # The kernel finds the cluster as a user's would (MLPLATFORM_HOME, connect()), not through this
+    # process's RAY_* settings.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    started = time.monotonic()
+    try:
+        client.execute(env=env)
+    except (CellExecutionError, CellTimeoutError, DeadKernelError) as e:
+        pytest.fail(_failure(path, nb, e), pytrace=False)
+    print(f"{path.name}: ran in a kernel in {time.monotonic() - started:.0f} s")
+    if path.name in FIGURES:
+        images = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs
+                  if o.get("output_type") in ("display_data", "execute_result") and "image/png" in o.get("data", {})]
+        assert images, f"{path.name}: ran, but no cell displayed a figure (image/png)"

@@ -3,101 +3,27 @@ found through Ray's service discovery file, and answers queries for the request 
 code and version), the latency histogram and the batch-size histogram. Ray exports every ray.util.metrics metric
 with a `ray_` prefix: mlplatform_serve_requests_total is scraped as ray_mlplatform_serve_requests_total.
 
-Needs the `prometheus` binary (`make test` installs Debian's package); skipped without it,
-except in CI (CI=true), where a missing binary fails the suite.
+Needs the `prometheus` binary (`make test` installs Debian's package); see tests/prometheus.py.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 import requests
-import yaml
 
-from conftest import free_port
-from serve_models import DISCOVERY, digits_data, register_digits, serve_on_free_port
+from prometheus import query as _query
+from prometheus import server
+from prometheus import until as _until
+from serve_models import digits_data, register_digits, serve_on_free_port
 
 pytestmark = pytest.mark.timeout(300)
 
 @pytest.fixture
 def prometheus(three_region_cluster, tmp_path):
-    binary = shutil.which("prometheus")
-    if binary is None:
-        needs = "the `prometheus` binary (apt-get install prometheus; `make test` does it)"
-        if os.environ.get("CI", "").lower() == "true":  # CI must test the metrics path, not skip it
-            pytest.fail(f"CI=true and no {needs}")
-        pytest.skip(f"Requires: {needs}")
-    files = sorted(str(p) for p in Path(three_region_cluster.temp_dir).glob(f"*/session_latest/{DISCOVERY}"))
-    assert files, f"no {DISCOVERY} under {three_region_cluster.temp_dir}"
-    port = free_port()
-    config = {
-        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-        "scrape_configs": [{
-            "job_name": "ray", "file_sd_configs": [{"files": files, "refresh_interval": "1s"}],
-            # Every node of the local cluster is this machine, and the agents listen on all
-            # interfaces: scrape over loopback.
-            "relabel_configs": [{"source_labels": ["__address__"], "regex": "[^:]+:(\\d+)",
-                                 "target_label": "__address__", "replacement": "127.0.0.1:$1"}],
-        }],
-    }
-    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
-    log = open(tmp_path / "prometheus.log", "w")
-    process = subprocess.Popen(
-        [binary, f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'data'}",
-         f"--web.listen-address=127.0.0.1:{port}"],
-        stdout=log, stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 30
-        while not _ready(url):
-            assert process.poll() is None, (tmp_path / "prometheus.log").read_text()[-2000:]
-            if time.time() > deadline:
-                pytest.fail(f"Prometheus at {url} not ready after 30 s; its log ends: "
-                            f"{(tmp_path / 'prometheus.log').read_text()[-2000:]}")
-            time.sleep(0.5)
+    with server(three_region_cluster, tmp_path) as url:
         yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        log.close()
-
-
-def _ready(url: str) -> bool:
-    try:
-        return requests.get(url + "/-/ready", timeout=2).status_code == 200
-    except (requests.ConnectionError, requests.Timeout):
-        return False
-
-
-def _query(url: str, promql: str) -> list[dict]:
-    r = requests.get(url + "/api/v1/query", params={"query": promql}, timeout=10)
-    r.raise_for_status()
-    return r.json()["data"]["result"]
-
-
-def _until(url: str, promql: str, want=bool, timeout: float = 90) -> list[dict]:
-    """The query's result once `want(result)` holds (Ray exports every few seconds, so a series
-    may first appear with only part of the traffic counted)."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        result = _query(url, promql)
-        if result and want(result):
-            return result
-        time.sleep(2)
-    names = _query(url, 'count by (__name__) ({__name__=~".*mlplatform.*"})')
-    raise AssertionError(f"Prometheus never answered {promql!r}; mlplatform series it has: "
-                         f"{sorted(n['metric']['__name__'] for n in names)}")
 
 
 def test_serving_metrics_reach_prometheus(prometheus, three_region_cluster, tmp_path):

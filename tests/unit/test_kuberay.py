@@ -1,48 +1,84 @@
-"""KubeRay manifests are rendered from the cluster specs and valid against the official CRD."""
+"""KubeRay manifests (RayCluster, RayJob, RayService) are rendered from the cluster specs, are
+valid against the official CRDs, and the shipped ones equal their render."""
 
 import functools
+import shlex
 
 import jsonschema
 import pytest
 import yaml
 
 from conftest import REPO
-from mlplatform import config
+from mlplatform import config, residency
 from mlplatform.cli import main
 from mlplatform.cluster import ClusterSpec
-from mlplatform import residency
-from mlplatform.cluster.kuberay import render_raycluster
+from mlplatform.cluster.kuberay import render_raycluster, render_rayjob
+from mlplatform.cluster.render import RenderOptions, render
+from mlplatform.errors import PlatformError
 
 CRDS = REPO.parent / "shared" / "kuberay-crds"
 SPECS = sorted((REPO / "cluster_configs" / "local").glob("*.yaml"))
+SHIPPED = sorted((REPO / "cluster_configs" / "kuberay").glob("*.yaml"))
+CLOUD = "cluster_configs/cloud/uae.yaml"
+TRAIN = "python jobs/train.py --config jobs/configs/digits.yaml"
 
 
-def raycluster_schema():
-    if not (CRDS / "ray.io_rayclusters.yaml").exists():
+def crd_schema(kind):
+    if not (CRDS / f"ray.io_{kind.lower()}s.yaml").exists():
         pytest.skip(f"Requires: the KubeRay CRDs at {CRDS}")
-    return _schema()
+    return _schema(kind)
 
 
 @functools.cache
-def _schema():
-    # The CRD is ~1 MB of YAML: parse it once, with libyaml.
-    crd = yaml.load((CRDS / "ray.io_rayclusters.yaml").read_text(), Loader=yaml.CSafeLoader)
+def _schema(kind):
+    # Each CRD is ~1 MB of YAML: parse it once, with libyaml.
+    crd = yaml.load((CRDS / f"ray.io_{kind.lower()}s.yaml").read_text(), Loader=yaml.CSafeLoader)
     schema = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")["schema"]["openAPIV3Schema"]
     # No metaschema check of the CRD itself (slow on a schema this size): it is upstream's.
     return jsonschema.Draft7Validator(schema)
 
 
-@pytest.mark.parametrize("path", SPECS, ids=[p.stem for p in SPECS])
-def test_shipped_manifest_is_the_render_of_its_spec(path, capsys):
-    shipped = REPO / "cluster_configs" / "kuberay" / path.name
-    assert main(["cluster", "render-kuberay", "--config", str(path.relative_to(REPO))]) == 0
-    assert shipped.read_text() == capsys.readouterr().out, f"re-render {shipped.name} from {path.name}"
+def _rerender(path, capsys, monkeypatch):
+    """Run the command a shipped file's header names; return its output."""
+    monkeypatch.chdir(REPO)
+    header = path.read_text().splitlines()[0]
+    assert header.startswith("# Rendered by `mlplatform ") and header.endswith("`; edit the spec, not this file.")
+    argv = shlex.split(header.split("`")[1])[1:]
+    assert main(argv) == 0
+    return capsys.readouterr().out
 
 
-@pytest.mark.parametrize("path", SPECS, ids=[p.stem for p in SPECS])
-def test_manifest_validates_against_the_crd(path):
-    manifest = render_raycluster(config.load(path, ClusterSpec))
-    assert [e.message for e in raycluster_schema().iter_errors(manifest)] == []
+def test_every_local_spec_has_its_shipped_raycluster():
+    assert {p.name for p in SPECS} <= {p.name for p in SHIPPED}
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.stem for p in SHIPPED])
+def test_shipped_manifest_is_the_render_its_header_names(path, capsys, monkeypatch):
+    assert path.read_text() == _rerender(path, capsys, monkeypatch), (
+        f"{path.name} drifted from its spec: re-render it with the command in its first line"
+    )
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.stem for p in SHIPPED])
+def test_shipped_manifest_validates_against_its_crd(path):
+    manifest = yaml.safe_load(path.read_text())
+    assert [e.message for e in crd_schema(manifest["kind"]).iter_errors(manifest)] == []
+
+
+def test_shipped_files_hold_every_kind():
+    kinds = {yaml.safe_load(p.read_text())["kind"] for p in SHIPPED}
+    assert kinds == {"RayCluster", "RayJob", "RayService"}
+
+
+def test_drift_is_caught(tmp_path, monkeypatch):
+    # A spec edit without a re-render: the render differs from the shipped file.
+    monkeypatch.chdir(REPO)
+    spec = yaml.safe_load((REPO / "cluster_configs/local/dev.yaml").read_text())
+    spec["head"]["cpus"] = 3
+    edited = tmp_path / "dev.yaml"
+    edited.write_text(yaml.safe_dump(spec))
+    shipped_body = (REPO / "cluster_configs/kuberay/dev.yaml").read_text().split("\n", 1)[1]
+    assert render("raycluster", str(edited)).split("\n", 1)[1] != shipped_body
 
 
 def test_groups_keep_their_place_labels_and_auth():
@@ -50,7 +86,7 @@ def test_groups_keep_their_place_labels_and_auth():
     spec = config.load(path, ClusterSpec)
     policy = residency.for_cluster_spec(spec, path)
     manifest = render_raycluster(spec, policy=policy)["spec"]
-    assert manifest["authOptions"] == {"mode": "token"}
+    assert manifest["authOptions"] == {"mode": "token", "secretName": "three-region-ray-token"}
     eu = next(g for g in manifest["workerGroupSpecs"] if g["groupName"] == "eu")
     pod = eu["template"]["spec"]
     assert pod["nodeSelector"]["topology.kubernetes.io/region"] == "eu-central-1"
@@ -62,12 +98,89 @@ def test_groups_keep_their_place_labels_and_auth():
                    "MLPLATFORM_CLUSTER": "three-region", "MLPLATFORM_RESIDENCY_POLICY": residency.encode(policy),
                    # and every worker process there starts under the residency guard
                    **residency.guard.node_env()}
+    # Prometheus scrapes every pod's `metrics` port, which Ray exports on.
+    assert pod["containers"][0]["ports"] == [{"containerPort": 8080, "name": "metrics"}]
+    assert eu["rayStartParams"]["metrics-export-port"] == "8080"
+    head_ports = {p["name"]: p["containerPort"] for p in manifest["headGroupSpec"]["template"]["spec"]["containers"][0]["ports"]}
+    assert head_ports["dashboard"] == 8265 and head_ports["metrics"] == 8080
     gpu = next(g for g in manifest["workerGroupSpecs"] if g["groupName"] == "gpu")
     assert gpu["labels"] == {"mlplatform.io/simulated-gpu": "true"}
+    assert "enableInTreeAutoscaling" not in manifest  # fixed groups: exactly `count`
+    assert (gpu["replicas"], gpu["minReplicas"], gpu["maxReplicas"]) == (1, 1, 1)
+
+
+def test_autoscaled_groups_get_bounds_and_the_autoscaler():
+    spec = config.load(REPO / CLOUD, ClusterSpec)
+    manifest = render_raycluster(spec, token_secret="my-token")["spec"]
+    assert manifest["authOptions"]["secretName"] == "my-token"
+    assert manifest["enableInTreeAutoscaling"] is True
+    assert manifest["autoscalerOptions"] == {"version": "v2", "idleTimeoutSeconds": 300, "upscalingMode": "Conservative"}
+    groups = {g["groupName"]: g for g in manifest["workerGroupSpecs"]}
+    assert (groups["cpu"]["replicas"], groups["cpu"]["minReplicas"], groups["cpu"]["maxReplicas"]) == (1, 1, 4)
+    assert (groups["gpu-a10g"]["replicas"], groups["gpu-a10g"]["maxReplicas"]) == (0, 4)
+    limits = groups["gpu-a10g"]["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert limits["nvidia.com/gpu"] == "1"
+
+
+def _submit_command(job):
+    return job["spec"]["submitterPodTemplate"]["spec"]["containers"][0]["command"][-1]
+
+
+def test_restricted_job_pins_its_driver_to_its_regions(monkeypatch):
+    monkeypatch.chdir(REPO)
+    # The classification comes from the entrypoint's spec (digits.yaml: uae-restricted).
+    job = yaml.safe_load(render("rayjob", "cluster_configs/local/three-region.yaml", RenderOptions(entrypoint=TRAIN)))
+    assert job["spec"]["entrypoint"] == TRAIN
+    assert job["spec"]["shutdownAfterJobFinishes"] is True
+    command = _submit_command(job)
+    assert """--entrypoint-label-selector '{"ray.io/availability-region": "me-central-1"}' -- """ + TRAIN in command
+    # The job's cluster is the RayCluster render of the same spec.
+    spec = config.load(REPO / "cluster_configs/local/three-region.yaml", ClusterSpec)
+    policy = residency.for_cluster_spec(spec, REPO / "cluster_configs/local/three-region.yaml")
+    assert job["spec"]["rayClusterSpec"] == render_raycluster(spec, policy=policy)["spec"]
+    # Internal data may also use the EU: the selector says so.
+    internal = yaml.safe_load(render("rayjob", "cluster_configs/local/three-region.yaml",
+                                     RenderOptions(entrypoint="python jobs/hello.py", classification="internal")))
+    assert "in(eu-central-1,me-central-1)" in _submit_command(internal)
+
+
+def test_job_without_a_policy_is_not_pinned():
+    spec = config.load(REPO / "cluster_configs/local/dev.yaml", ClusterSpec)
+    job = render_rayjob(spec, "python jobs/hello.py")
+    assert "submitterPodTemplate" not in job["spec"] and job["metadata"]["name"] == "dev-hello"
+
+
+def test_service_embeds_the_serve_config(monkeypatch):
+    monkeypatch.chdir(REPO)
+    service = yaml.safe_load(render("rayservice", CLOUD, RenderOptions(serve_config="serve_apps/digits-cpu.yaml")))
+    serve = yaml.safe_load(service["spec"]["serveConfigV2"])
+    original = yaml.safe_load((REPO / "serve_apps/digits-cpu.yaml").read_text())
+    assert serve["applications"] == original["applications"]
+    assert serve["http_options"]["host"] == "0.0.0.0"  # reachable through the pod's address
+    assert service["spec"]["rayClusterConfig"]["authOptions"]["mode"] == "token"
+
+
+@pytest.mark.parametrize("target,options,message", [
+    ("rayjob", RenderOptions(), r"Got no `--entrypoint`; --target rayjob needs it, e\.g\."),
+    ("rayservice", RenderOptions(), r"Got no `--serve-config`; --target rayservice needs it"),
+    ("raycluster", RenderOptions(serve_config="serve_apps/digits-cpu.yaml"), r"`--serve-config` with --target raycluster"),
+    ("rayjob", RenderOptions(entrypoint=TRAIN, classification="secret"), r"Got 'secret' for `--classification`"),
+    ("helmchart", RenderOptions(), r"Got 'helmchart' for `--target`; must be one of raycluster, rayjob, rayservice, launcher"),
+])
+def test_bad_render_requests_name_the_flag(target, options, message, monkeypatch):
+    monkeypatch.chdir(REPO)
+    with pytest.raises(PlatformError, match=message):
+        render(target, "cluster_configs/local/three-region.yaml", options)
+
+
+def test_cli_prints_render_errors(monkeypatch, capsys):
+    monkeypatch.chdir(REPO)
+    assert main(["cluster", "render", "--target", "rayservice", "--config", CLOUD]) != 0
+    assert "Got no `--serve-config`" in capsys.readouterr().err
 
 
 def test_invalid_manifest_is_caught_by_the_schema():
     manifest = render_raycluster(config.load(SPECS[0], ClusterSpec))
     manifest["spec"]["authOptions"]["mode"] = "password"
     with pytest.raises(jsonschema.ValidationError, match="'password' is not one of"):
-        raycluster_schema().validate(manifest)
+        crd_schema("RayCluster").validate(manifest)

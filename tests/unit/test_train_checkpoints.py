@@ -41,3 +41,20 @@ def test_a_manifest_that_lacks_a_rank_is_not_complete(tmp_path):
 def test_no_run_directory_means_no_checkpoint(tmp_path):
     assert checkpoints.newest_complete(pafs.LocalFileSystem(), str(tmp_path / "never")) is None
     assert not list(tmp_path.iterdir())
+
+
+def test_a_build_lock_left_by_a_killed_build_is_cleared_and_a_live_one_kept(tmp_path, monkeypatch):
+    import os
+    import time
+
+    from mlplatform.train import engine
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    stale, live = tmp_path / "py311_cpu/deepspeed_shm_comm/lock", tmp_path / "py311_cpu/other_op/lock"
+    for lock in (stale, live):
+        lock.parent.mkdir(parents=True)
+        lock.touch()
+    old = time.time() - engine.STALE_BUILD_LOCK_S - 60
+    os.utime(stale, (old, old))
+    assert engine.clear_stale_build_locks() == [str(stale)]
+    assert not stale.exists() and live.exists()  # a build in progress keeps its lock

@@ -8,6 +8,10 @@ in <MLPLATFORM_HOME>/clusters/<name>/state.json; `down` stops exactly those, so 
 killed half-way leaves nothing `down` cannot stop. `up` and `down` of one cluster hold
 an exclusive lock (`lock` beside the state), so two of them never interleave.
 
+A spec whose worker groups declare `autoscaling:` starts only the head, with Ray's autoscaler
+and its fake multi-node provider (autoscaler.py): the autoscaler launches and removes the
+worker nodes, as processes in the head's process group, so stopping the head stops them.
+
 Token authentication is always on: `up` writes a fresh token (mode 0600) beside the
 state and starts every node with RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH.
 """
@@ -33,11 +37,13 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import tenacity
+import yaml
 
 from mlplatform import residency
 from mlplatform.residency import guard
 from mlplatform.cost import catalog as price_catalog
 from mlplatform._internal import storage
+from mlplatform.cluster import autoscaler
 from mlplatform.cluster.spec import (
     GROUP_LABEL,
     MARKET_LABEL,
@@ -117,6 +123,8 @@ class LocalCluster:
     token_path: str
     temp_dir: str
     nodes: tuple[NodeProcess, ...] = field(default_factory=tuple)
+    # True when Ray's autoscaler launches the worker nodes (they are not in `nodes`).
+    autoscaled: bool = False
 
     def env(self) -> dict[str, str]:
         """Variables that point Ray's CLIs and `ray.init()` at this cluster.
@@ -186,11 +194,20 @@ def _up(spec: ClusterSpec, config: str, timeout_s: float) -> LocalCluster:
         client_address=f"ray://127.0.0.1:{spec.ports.client_server}",
         token_path=str(token_path),
         temp_dir=str(temp_dir),
+        autoscaled=spec.autoscaled(),
     )
+    head_flags, head_env = _head_flags(spec, temp_dir / "head"), env
+    if spec.autoscaled():
+        # Ray's autoscaler launches every worker group's nodes (see autoscaler.py).
+        config_path = cdir / "autoscaling.yaml"
+        storage.atomic_write(config_path, yaml.safe_dump(
+            autoscaler.render_fake_provider_config(spec, f"{_node_ip()}:{spec.ports.gcs}"), sort_keys=False))
+        head_flags = [*head_flags, f"--autoscaling-config={config_path}"]
+        head_env = {**env, **autoscaler.head_env()}
     try:
         # Each node gets its own temp dir: a node's log monitor streams every log under
         # its temp dir to the drivers, so a shared one prints each line once per node.
-        head = _spawn(spec.head, "head", _head_flags(spec, temp_dir / "head"), env, cdir)
+        head = _spawn(spec.head, "head", head_flags, head_env, cdir)
         cluster = _add_node(cluster, head)
         _wait_ready([head], timeout_s)
         ip = (temp_dir / "head" / "ray_current_cluster").read_text().strip().rsplit(":", 1)[0]
@@ -200,8 +217,11 @@ def _up(spec: ClusterSpec, config: str, timeout_s: float) -> LocalCluster:
             _publish_policy(cluster, policy, env)
         if prices is not None:
             _publish_catalog(cluster, prices, env)
+        if spec.autoscaled():
+            _wait_http(cluster.dashboard_url, timeout_s, head)
+            _wait_min_workers(cluster, spec, timeout_s, head)
         # One at a time: nodes starting side by side on one machine race for ports.
-        for group in spec.worker_groups:
+        for group in [] if spec.autoscaled() else spec.worker_groups:
             for i in range(group.count):
                 node_name = f"{group.name}-{i}"
                 flags = [f"--address={cluster.gcs_address}", f"--temp-dir={temp_dir / node_name}"]
@@ -213,6 +233,7 @@ def _up(spec: ClusterSpec, config: str, timeout_s: float) -> LocalCluster:
         survivors = _stop_nodes(list(cluster.nodes))
         if survivors:
             raise ClusterError(f"{e}\n{_survivors_message(cluster, survivors)}") from e
+        _stop_stragglers(cluster)
         (cdir / "state.json").unlink(missing_ok=True)
         token_path.unlink(missing_ok=True)
         if isinstance(e, NodeStartError):
@@ -272,10 +293,49 @@ def down(name: str | None = None) -> LocalCluster:
         survivors = _stop_nodes(list(cluster.nodes))
         if survivors:
             raise ClusterError(_survivors_message(cluster, survivors))
+        _stop_stragglers(cluster)
         shutil.rmtree(cluster.temp_dir, ignore_errors=True)
         state.unlink(missing_ok=True)
         Path(cluster.token_path).unlink(missing_ok=True)
     return cluster
+
+
+def set_bounds(name: str | None, group: str, *, min_workers: int | None = None, max_workers: int | None = None) -> tuple[int, int]:
+    """Change an autoscaled group's node bounds on a running local cluster; returns (min, max).
+
+    The autoscaler reads its config afresh every round, so it acts on the change within seconds:
+    raising `min_workers` launches nodes, `max_workers: 0` withdraws the group's capacity (work
+    with a fallback then goes to another group, as when a cloud runs out of spot capacity).
+
+    Raises:
+        ClusterError: the cluster runs without the autoscaler, or has no such group, or the
+            bounds are inconsistent.
+    """
+    cluster = find(name)
+    path = _cluster_dir(cluster.name) / "autoscaling.yaml"
+    with _exclusive(cluster.name):
+        if not path.exists():
+            raise ClusterError(
+                f"Cluster '{cluster.name}' runs without Ray's autoscaler, so its groups have fixed sizes; declare "
+                "`autoscaling: {min_workers, max_workers}` on a worker group of its spec and start it again."
+            )
+        config = yaml.safe_load(path.read_text())
+        node_types = config["available_node_types"]
+        if group not in node_types or group == autoscaler.FAKE_HEAD_NODE_TYPE:
+            groups = ", ".join(t for t in node_types if t != autoscaler.FAKE_HEAD_NODE_TYPE)
+            raise ClusterError(f"Got `{group}` for `--group`; cluster '{cluster.name}' has the worker groups {groups}.")
+        node_type = node_types[group]
+        low = node_type["min_workers"] if min_workers is None else min_workers
+        high = node_type["max_workers"] if max_workers is None else max_workers
+        if not 0 <= low <= high:
+            raise ClusterError(
+                f"Got min_workers {low} and max_workers {high} for group `{group}`; they must satisfy "
+                "0 <= min_workers <= max_workers."
+            )
+        node_type.update(min_workers=low, max_workers=high)
+        config["max_workers"] = sum(t.get("max_workers", 0) for t in node_types.values())
+        storage.atomic_write(path, yaml.safe_dump(config, sort_keys=False))
+    return low, high
 
 
 def running() -> list[LocalCluster]:
@@ -404,10 +464,15 @@ def _wait_ready(nodes: list[NodeProcess], timeout_s: float) -> None:
             f"started so far was stopped again. Logs: {pending[0].log}"
         )
 
+    _poll_while(still_starting, timeout_s, 0.2, timed_out)
+
+
+def _poll_while(check, timeout_s: float, every_s: float, on_timeout) -> None:
+    """Call `check()` every `every_s` while it returns something truthy; `on_timeout(state)` after `timeout_s`."""
     tenacity.Retrying(
         retry=tenacity.retry_if_result(bool), stop=tenacity.stop_after_delay(timeout_s),
-        wait=tenacity.wait_fixed(0.2), retry_error_callback=timed_out,
-    )(still_starting)
+        wait=tenacity.wait_fixed(every_s), retry_error_callback=on_timeout,
+    )(check)
 
 
 def _wait_http(url: str, timeout_s: float, head: NodeProcess) -> None:
@@ -428,6 +493,54 @@ def _wait_http(url: str, timeout_s: float, head: NodeProcess) -> None:
         stop=tenacity.stop_after_delay(timeout_s) | (lambda _: not head.alive()),
         wait=tenacity.wait_fixed(0.3), retry_error_callback=gave_up,
     )(answers)
+
+
+def _node_ip() -> str:
+    """The address the head will advertise (Ray's own choice), known before it starts."""
+    from ray._private.services import get_node_ip_address
+
+    return get_node_ip_address()
+
+
+def _wait_min_workers(cluster: LocalCluster, spec: ClusterSpec, timeout_s: float, head: NodeProcess) -> None:
+    """Wait until the autoscaler has launched every group's minimum of nodes."""
+    wanted = {g.name: autoscaler.bounds(g)[0] for g in spec.worker_groups}
+    have: dict[str, int] = {}
+
+    def missing() -> bool:
+        nonlocal have
+        if not head.alive():
+            raise NodeStartError(f"The head node exited while the autoscaler launched nodes. Head log: {head.log}")
+        have = _alive_nodes_by_group(cluster)
+        return any(have.get(g, 0) < n for g, n in wanted.items())
+
+    def gave_up(_: tenacity.RetryCallState) -> None:
+        short = ", ".join(f"{g}: {have.get(g, 0)} of {n}" for g, n in wanted.items() if have.get(g, 0) < n)
+        raise NodeStartError(
+            f"The autoscaler did not launch every group's min_workers within {timeout_s:.0f}s ({short}); every "
+            f"node was stopped again. Its log: {cluster.temp_dir}/head/session_latest/logs/monitor.log"
+        )
+
+    _poll_while(missing, timeout_s, 1.0, gave_up)
+
+
+def _alive_nodes_by_group(cluster: LocalCluster) -> dict[str, int]:
+    """Alive nodes per `ray.io/node-group`, from the dashboard's state API (no driver needed)."""
+    request = urllib.request.Request(
+        f"{cluster.dashboard_url}/api/v0/nodes?limit=1000&detail=true",
+        headers={"Authorization": f"Bearer {cluster.token()}"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            nodes = json.load(response)["data"]["result"]["result"]
+    except (OSError, ValueError, KeyError):
+        return {}  # the dashboard is still starting
+    counts: dict[str, int] = {}
+    for node in nodes:
+        if node.get("state") == "ALIVE":
+            group = (node.get("labels") or {}).get(GROUP_LABEL, "")
+            counts[group] = counts.get(group, 0) + 1
+    return counts
 
 
 def _tail(text: str, lines: int = 15) -> str:
@@ -501,7 +614,9 @@ def _stop_nodes(nodes: list[NodeProcess]) -> list[NodeProcess]:
     Returns the nodes whose process group still has a live process (not ours to
     signal, or stuck in the kernel): their state must not be forgotten.
     """
-    live = [n for n in reversed(nodes) if n.alive()]
+    # A group whose leader died may still hold processes (a node's agents outlive it): stop
+    # those too. Linux never reuses a pid while it names a live process group, so it is ours.
+    live = [n for n in reversed(nodes) if n.alive() or _group_exists(n.pid)]
     for node in live:
         _signal_group(node.pid, signal.SIGTERM)
     _wait_gone(live, _STOP_GRACE_S)
@@ -509,6 +624,43 @@ def _stop_nodes(nodes: list[NodeProcess]) -> list[NodeProcess]:
         _signal_group(node.pid, signal.SIGKILL)
     _wait_gone(live, _KILL_WAIT_S)
     return [n for n in nodes if _group_exists(n.pid)]
+
+
+def _stop_stragglers(cluster: LocalCluster) -> None:
+    """Stop the cluster's processes that left its nodes' process groups.
+
+    Job drivers run in sessions of their own, and a worker may outlive its raylet for a
+    few seconds. Each carries the cluster's token path in its environment (no other
+    cluster's process does); of those, only Ray's own processes and job drivers are
+    stopped, never a user's program that merely connected to the cluster.
+    """
+    import psutil
+
+    def stragglers() -> list[psutil.Process]:
+        found = []
+        for proc in psutil.process_iter(["pid", "cmdline", "status"]):
+            try:
+                if proc.pid == os.getpid() or proc.info["status"] == psutil.STATUS_ZOMBIE:
+                    continue
+                env = proc.environ()
+                if env.get("RAY_AUTH_TOKEN_PATH") != cluster.token_path:
+                    continue
+                command = " ".join(proc.info["cmdline"] or [])
+                if command.startswith("ray::") or "/site-packages/ray/" in command or "RAY_JOB_CONFIG_JSON_ENV_VAR" in env:
+                    found.append(proc)
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+        return found
+
+    left = stragglers()
+    for proc in left:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.terminate()
+    _, alive = psutil.wait_procs(left, timeout=_STOP_GRACE_S)
+    for proc in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
+    psutil.wait_procs(alive, timeout=_KILL_WAIT_S)
 
 
 def _survivors_message(cluster: LocalCluster, survivors: list[NodeProcess]) -> str:
@@ -528,10 +680,7 @@ def _wait_gone(nodes: list[NodeProcess], timeout_s: float) -> None:
             _reap(node.pid)
         return any(_group_exists(n.pid) for n in nodes)
 
-    tenacity.Retrying(
-        retry=tenacity.retry_if_result(bool), stop=tenacity.stop_after_delay(timeout_s),
-        wait=tenacity.wait_fixed(0.2), retry_error_callback=lambda _: None,
-    )(any_left)
+    _poll_while(any_left, timeout_s, 0.2, lambda _: None)
 
 
 def _signal_group(pgid: int, sig: int) -> None:

@@ -38,6 +38,22 @@ class Market(str, Enum):
     ON_DEMAND = "on-demand"
 
 
+class Autoscaling(Spec):
+    """Bounds within which Ray's autoscaler grows and shrinks a worker group."""
+
+    min_workers: int = Field(0, ge=0, le=64, description="Nodes the group never shrinks below (0: all may go when idle).")
+    max_workers: int = Field(ge=1, le=64, description="Nodes the group never grows above.")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "Autoscaling":
+        if self.min_workers > self.max_workers:
+            raise ValueError(
+                f"min_workers ({self.min_workers}) exceeds max_workers ({self.max_workers}), so the group can never "
+                "hold its minimum; raise max_workers or lower min_workers"
+            )
+        return self
+
+
 class NodeGroup(Spec):
     """A set of identical nodes: same resources, same place, same market."""
 
@@ -61,6 +77,16 @@ class NodeGroup(Spec):
     labels: dict[str, str] = Field(
         default_factory=dict,
         description="Extra node labels; keys may not use Ray's reserved `ray.io/` prefix.",
+    )
+    autoscaling: Autoscaling | None = Field(
+        None,
+        description="Let Ray's autoscaler launch and remove this group's nodes within these bounds (worker groups "
+        "only); `count` is then ignored. Without it the group has exactly `count` nodes.",
+    )
+    instance_type: str | None = Field(
+        None,
+        description="Cloud instance type of each node, e.g. p5.48xlarge; the VM launcher render needs it for every "
+        "group.",
     )
 
     @field_validator("name")
@@ -134,6 +160,17 @@ class Ports(Spec):
         return self
 
 
+class AutoscalerSettings(Spec):
+    """How Ray's autoscaler behaves for the groups that declare `autoscaling:`."""
+
+    idle_timeout_s: float = Field(
+        60.0, ge=5, le=86400, description="Seconds a node may sit idle before the autoscaler removes it."
+    )
+    upscaling_speed: float = Field(
+        1.0, gt=0, le=100, description="How many nodes may be pending at once, as a multiple of the running ones."
+    )
+
+
 class ClusterSpec(Spec):
     """A Ray cluster: one head node and any number of worker node groups."""
 
@@ -154,6 +191,11 @@ class ClusterSpec(Spec):
         "node group, and every job's cost ledger is priced from it.",
     )
 
+    autoscaler: AutoscalerSettings = Field(
+        default_factory=AutoscalerSettings,
+        description="Autoscaler behaviour; applies when some worker group declares `autoscaling:`.",
+    )
+
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
@@ -165,6 +207,8 @@ class ClusterSpec(Spec):
     def _groups(self) -> "ClusterSpec":
         if self.head.count != 1:
             raise ValueError(f"head.count must be 1 (a cluster has one head); got {self.head.count}")
+        if self.head.autoscaling is not None:
+            raise ValueError("head.autoscaling is not allowed: the head node is always there; autoscale worker groups")
         names = [self.head.name] + [g.name for g in self.worker_groups]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
@@ -174,6 +218,10 @@ class ClusterSpec(Spec):
     def groups(self) -> list[NodeGroup]:
         """Head group first, then worker groups in file order."""
         return [self.head, *self.worker_groups]
+
+    def autoscaled(self) -> bool:
+        """Whether Ray's autoscaler manages some worker group."""
+        return any(g.autoscaling is not None for g in self.worker_groups)
 
     def regions(self) -> set[str]:
         """Every region some node of this cluster sits in."""

@@ -11,19 +11,17 @@ from collections.abc import Iterable, Mapping
 from functools import lru_cache
 from typing import Any
 
-TAG_KEYS = ("job", "trial", "market", "region", "currency")
+from mlplatform.observability import metrics as catalogue
+
+TAG_KEYS = catalogue.COST_TAGS
 
 
 @lru_cache(maxsize=1)
 def metrics() -> dict[str, Any]:
     """Every cost metric by short name."""
-    from ray.util.metrics import Gauge
-
-    return {
-        "total": Gauge("mlplatform_cost_total", "Cost so far of a job's (or trial's) metered resources.",
-                       tag_keys=TAG_KEYS),
-        "lost": Gauge("mlplatform_cost_lost_total", "Cost of work lost to spot preemption.", tag_keys=TAG_KEYS),
-    }
+    # Defined in the platform's one catalogue (mlplatform.observability.metrics).
+    return {"total": catalogue.instrument("mlplatform_cost_total"),
+            "lost": catalogue.instrument("mlplatform_cost_lost_total")}
 
 
 def tags(row: Mapping[str, Any], currency: str | None, by: str = "trial") -> dict[str, str]:

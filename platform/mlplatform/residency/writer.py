@@ -22,6 +22,7 @@ import time
 import uuid
 from typing import Any
 
+from mlplatform.residency import _metrics
 from mlplatform.residency.names import KV_NAMESPACE
 
 WRITER_NAME = "audit-writer"
@@ -44,7 +45,9 @@ class AuditWriter:
         from mlplatform.residency import audit
 
         self.flush()
-        return audit.append(self.path, kind, **fields, cluster_session=self.session)["seq"]
+        seq = audit.append(self.path, kind, **fields, cluster_session=self.session)["seq"]
+        _metrics.count(kind, fields)  # after the append: the trail, not the metric, is the record
+        return seq
 
     def flush(self) -> int:
         """Move the records processes left in the GCS into the trail, oldest first; how many."""
@@ -58,6 +61,7 @@ class AuditWriter:
             if raw:
                 left = json.loads(raw)
                 audit.append(self.path, left["kind"], **left["fields"], cluster_session=self.session)
+                _metrics.count(left["kind"], left["fields"])
             internal_kv._internal_kv_del(key, namespace=KV_NAMESPACE)
         return len(keys)
 

@@ -13,6 +13,7 @@ Open: GET /healthz, GET /v1/contract, GET /docs, GET /openapi.json.
 """
 
 from mlplatform.serve._app import build_app
+from mlplatform.serve._client import Latencies, endpoint, latency_histogram, timed_predictions
 from mlplatform.serve._keys import CreatedKey, KeyRecord, create_key, list_keys, revoke_key
 from mlplatform.serve._manage import check_config, delete, deploy, status
 from mlplatform.serve._spec import (
@@ -37,6 +38,7 @@ __all__ = [
     "CanarySpec",
     "CreatedKey",
     "FallbackSpec",
+    "Latencies",
     "KeyRecord",
     "ModelDeploymentSpec",
     "Preset",
@@ -48,7 +50,10 @@ __all__ = [
     "create_key",
     "delete",
     "deploy",
+    "endpoint",
+    "latency_histogram",
     "list_keys",
     "revoke_key",
     "status",
+    "timed_predictions",
 ]

@@ -17,17 +17,39 @@ def check_config(path: str | os.PathLike) -> ServeConfigFile:
     return config.load(path, ServeConfigFile)
 
 
-def deploy(path: str | os.PathLike, *, cluster: str | None = None, address: str | None = None) -> list[str]:
+def deploy(
+    path: str | os.PathLike, *, cluster: str | None = None, address: str | None = None,
+    working_dir: str | os.PathLike | None = None,
+) -> list[str]:
     """Validate a Serve config file, then submit it as `serve deploy` does; returns the app names.
 
     The applications build on the cluster (model fetch, placement check) after this returns;
     follow them with `status()`.
+
+    Args:
+        working_dir: a local directory uploaded through the dashboard (as `ray job submit
+            --working-dir` uploads one) and set as the runtime_env working_dir of every application
+            that names none, so replicas import the user's model module (`mymod:make_model`) from it.
+            Ray's own `serve deploy` accepts only remote URIs there.
     """
     from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
 
     spec = check_config(path)
     raw = yaml.safe_load(Path(path).read_text())
-    ServeSubmissionClient(address or _dashboard(cluster)).deploy_applications(raw)
+    client = ServeSubmissionClient(address or _dashboard(cluster))
+    if working_dir is not None:
+        if not Path(working_dir).is_dir():
+            from mlplatform.errors import SpecError
+
+            raise SpecError(f"Got {str(working_dir)!r} for `--working-dir`; it is not a directory. "
+                            "Pass the folder that holds your model module, e.g. `--working-dir .`.")
+        shipped = {"working_dir": str(Path(working_dir).resolve())}
+        client._upload_working_dir_if_needed(shipped)  # noqa: SLF001 - the upload `ray job submit` uses
+        for app in raw.get("applications") or []:
+            env = app.setdefault("runtime_env", {}) or {}
+            env.setdefault("working_dir", shipped["working_dir"])
+            app["runtime_env"] = env
+    client.deploy_applications(raw)
     return [a.name for a in spec.applications]
 
 

@@ -102,20 +102,20 @@ def load_datasets(spec: TrainSpec, paths: DataPaths, selector: dict[str, str] | 
 
     selector = spec.placement.selector() if selector is None else selector
     remote = {"label_selector": selector} if selector else {}
-    with _v1_parquet_reader(), _data_selector(selector):
+    with _v1_parquet_reader(), _data_selector(selector), _plain_progress():
         train = ray.data.read_parquet(paths.train, **remote)
         validation = ray.data.read_parquet(paths.validation, **remote) if paths.validation else None
-    if validation is None:
-        train, validation = train.train_test_split(
-            test_size=spec.dataset.validation_fraction, shuffle=True, seed=spec.seed
-        )
-    prep = _Preprocess(spec)
-    # Materialized once here: the worker split and the driver's final evaluation reuse it,
-    # and every restart splits the very same blocks.
-    return {
-        name: ds.map_batches(prep, batch_format="numpy", batch_size=None, **remote).materialize()
-        for name, ds in (("train", train), ("validation", validation))
-    }
+        if validation is None:
+            train, validation = train.train_test_split(
+                test_size=spec.dataset.validation_fraction, shuffle=True, seed=spec.seed
+            )
+        prep = _Preprocess(spec)
+        # Materialized once here: the worker split and the driver's final evaluation reuse it,
+        # and every restart splits the very same blocks.
+        return {
+            name: ds.map_batches(prep, batch_format="numpy", batch_size=None, **remote).materialize()
+            for name, ds in (("train", train), ("validation", validation))
+        }
 
 
 @contextmanager
@@ -135,6 +135,34 @@ def _data_selector(selector: dict[str, str]) -> Iterator[None]:
         yield
     finally:
         options.label_selector = before
+
+
+@contextmanager
+def _plain_progress() -> Iterator[None]:
+    """Ray Data progress as plain log lines, not tqdm bars, unless this process writes to a terminal.
+
+    Datasets copy the DataContext when created, so the Train workers and the split coordinator
+    that iterate them inherit this. With `use_ray_tqdm` (Ray's default) those Ray workers send
+    their bars to the driver, which draws them with tqdm and cursor moves (ESC[A) even when its
+    stdout is a job log file; without it Ray Data logs progress as text in a non-terminal worker.
+    """
+    import sys
+
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    before = ctx.use_ray_tqdm
+    ctx.use_ray_tqdm = before and sys.stdout.isatty()
+    if not sys.stdout.isatty():
+        # The driver prints its workers' lines with a colour-coded "(pid=...)" prefix unless this is
+        # 0 (read per line, so it holds for the rest of the run; a terminal keeps its colours).
+        import os
+
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
+    try:
+        yield
+    finally:
+        ctx.use_ray_tqdm = before
 
 
 @contextmanager

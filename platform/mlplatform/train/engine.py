@@ -12,6 +12,7 @@ import math
 import os
 import resource
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 TAG = "ds"  # DeepSpeed checkpoint tag inside every checkpoint directory
@@ -25,6 +26,35 @@ class Engine:
     scheduler: Any  # torch LambdaLR over the optimizer DeepSpeed wraps
     model_kwargs: dict[str, Any]  # the factory's kwargs as built (seq_len filled in for builtin:gpt)
     in_dtype: Any  # torch dtype of floating-point inputs (the engine's compute precision)
+
+
+# DeepSpeed builds its CPU ops (the shm comm op) on first use under a lock file that torch's
+# FileBaton waits on for ever; a build killed half-way (a stopped job, a preempted node) leaves it
+# behind and every later run on the machine would hang. A build takes ~2 min on 2 cores.
+STALE_BUILD_LOCK_S = 900
+
+
+def clear_stale_build_locks(max_age_s: float = STALE_BUILD_LOCK_S) -> list[str]:
+    """Remove torch-extension build locks older than `max_age_s` (left by a killed build); returns them."""
+    import logging
+    import time
+
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if not root:
+        from torch.utils.cpp_extension import get_default_build_root
+
+        root = get_default_build_root()
+    removed = []
+    for lock in Path(root).glob("**/lock"):
+        try:
+            if time.time() - lock.stat().st_mtime > max_age_s:
+                lock.unlink()
+                removed.append(str(lock))
+        except OSError:
+            continue  # another process removed it first
+    for lock in removed:
+        logging.getLogger(__name__).warning("Removed a stale torch-extension build lock (a killed build left it): %s", lock)
+    return removed
 
 
 def init_single_process(device_type: str) -> None:
@@ -46,6 +76,7 @@ def init_single_process(device_type: str) -> None:
     if device_type == "cuda":
         torch.cuda.set_device(0)
     torch.distributed.init_process_group(backend=backend, rank=0, world_size=1)
+    clear_stale_build_locks()
     deepspeed.init_distributed(dist_backend=backend, dist_init_required=False)
 
 

@@ -22,6 +22,7 @@ from mlplatform import residency
 from mlplatform._internal import storage
 from mlplatform.errors import PreflightError
 from mlplatform.train import checkpoints, data, engine
+from mlplatform.train._metrics import TrainMetrics
 from mlplatform.train.spec import Task, TrainSpec
 
 
@@ -108,6 +109,7 @@ def _join(spec: TrainSpec, precision: str) -> _Worker:
         device = torch.device("cpu")
         # One worker per reserved CPU: more threads than that only contend.
         torch.set_num_threads(max(1, int(spec.cpus_per_worker)))
+    engine.clear_stale_build_locks()
     deepspeed.init_distributed(dist_backend="nccl" if spec.use_gpu else "gloo", dist_init_required=False)
     return _Worker(ctx.get_world_rank(), ctx.get_world_size(), device, torch.distributed)
 
@@ -156,17 +158,19 @@ def _train(spec: TrainSpec, step_log: str | None, worker: _Worker, shard: _Shard
     micro, accum = spec.micro_batch_size, spec.accum_steps
     batches = engine.Batches(shard.x_train, shard.y_train, micro, spec.seed, worker.rank, worker.device, run.in_dtype)
     loss_of = engine.loss_function(spec.task)
-    gauges = _Gauges(spec.name, worker.rank)
+    recorded = TrainMetrics(spec.name, worker.rank)
     window = _Window()
     notice = _Notice(worker)
     run.engine.train()
     step = start_step
     while step < shard.total_steps:
         epoch, within = divmod(step, shard.steps_per_epoch)
+        step_started = time.perf_counter()
         step_loss = engine.train_step(
             run.engine, (batches.get(epoch, within * accum + m) for m in range(accum)), loss_of
         )
         step += 1
+        recorded.step(time.perf_counter() - step_started, micro * accum)
         window.loss += step_loss
         window.steps += 1
         window.samples += micro * accum * worker.world
@@ -181,7 +185,7 @@ def _train(spec: TrainSpec, step_log: str | None, worker: _Worker, shard: _Shard
         if not (end_of_epoch or ckpt_due or log_due):
             continue
         metrics = _metrics(spec, run, worker, shard, step, epoch, start_step, window)
-        gauges.record(metrics, metrics["peak_memory_mb_per_worker"][worker.rank])
+        recorded.window(metrics, metrics["peak_memory_mb_per_worker"][worker.rank])
         if end_of_epoch:
             metrics.update(engine.evaluate(
                 run.engine, spec.task, shard.x_val, shard.y_val, worker.device, run.in_dtype, worker.dist
@@ -328,28 +332,3 @@ def _log(rank: int, msg: str) -> None:
     # Written straight to stdout: Ray Train's print patch would log each print() twice.
     sys.stdout.write(f"[mlplatform.train rank {rank}] {msg}\n")
     sys.stdout.flush()
-
-
-class _Gauges:
-    """Per-worker training gauges exported through Ray's metrics (Prometheus, dashboard)."""
-
-    def __init__(self, run: str, rank: int):
-        from ray.util.metrics import Gauge
-
-        keys = ("run", "rank")
-        self.tags = {"run": run, "rank": str(rank)}
-        self.gauges = {
-            "loss": Gauge("mlplatform_train_loss", "Training loss (mean over the last window).", keys),
-            "lr": Gauge("mlplatform_train_learning_rate", "Current learning rate.", keys),
-            "samples_per_s": Gauge("mlplatform_train_samples_per_second", "Samples per second, all workers.", keys),
-            "tokens_per_s": Gauge("mlplatform_train_tokens_per_second", "Tokens per second, all workers (LMs).", keys),
-            "step": Gauge("mlplatform_train_step", "Optimizer steps done.", keys),
-            "progress": Gauge("mlplatform_train_progress_ratio", "Share of the run's steps done.", keys),
-        }
-        self.memory = Gauge("mlplatform_train_peak_memory_bytes", "Peak memory of this worker.", keys)
-
-    def record(self, metrics: dict[str, Any], own_peak_mb: float) -> None:
-        for key, gauge in self.gauges.items():
-            if key in metrics:
-                gauge.set(float(metrics[key]), tags=self.tags)
-        self.memory.set(own_peak_mb * 2**20, tags=self.tags)

@@ -167,7 +167,8 @@ def _where_it_ran(spec: TrainSpec, policy) -> dict[str, Any] | None:
     residency.record("ran", what="train", name=spec.name, job_id=_job_id(), placements=len(checked),
                      outside=len(findings), **ran)
     for f in findings:
-        residency.record("violation", what="train", name=spec.name, **f.to_json())
+        # `name` is the actor or task that ran outside; the run is `run`.
+        residency.record("violation", **{**f.to_json(), "what": "train", "run": spec.name})
     return ran
 
 

@@ -107,6 +107,7 @@ def _run(spec: TuneSpec, base, the_plan: TunePlan) -> TuneResult:
     from ray import tune as ray_tune
 
     from mlplatform.tune import _search, budget
+    from mlplatform.tune._metrics import SearchMetrics
 
     exp_dir = f"{_storage.absolute(spec.storage_path).rstrip('/')}/{spec.name}"
     results_dir = f"{exp_dir}/results"
@@ -131,6 +132,7 @@ def _run(spec: TuneSpec, base, the_plan: TunePlan) -> TuneResult:
         run_config=ray_tune.RunConfig(
             name=spec.name, storage_path=_storage.absolute(spec.storage_path), stop=stopper,
             failure_config=ray_tune.FailureConfig(max_failures=1), verbose=1,
+            callbacks=[SearchMetrics(spec)],  # trials, best metric, spend vs budget → Prometheus
         ),
     )
     ledger_loop = _Metering(the_plan, spec.name)
