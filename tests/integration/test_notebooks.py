@@ -11,10 +11,6 @@ from conftest import REPO
 
 NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
 CELL_TIMEOUT_S = 540  # the longest cell trains or tunes on 2 cores
-# A kernel run of each, measured on the 2-core machine (see the report in each test's output):
-# quickstart (~130 s) stays in `make test`; tuning (~60 s: two Tune trials of Ray Train + DeepSpeed) and
-# residency (~50 s: one more training run) go with `make test-slow`, keeping `make test` inside 25 minutes.
-SLOW = {"tuning.ipynb", "residency.ipynb"}
 # Notebooks that must draw: each of these leaves at least one image/png display output.
 FIGURES = {"quickstart.ipynb", "residency.ipynb", "tuning.ipynb"}
 
@@ -43,8 +39,11 @@ def _failure(path, nb, error) -> str:
     return f"{path.name}: {type(error).__name__}: {str(error)[-3000:]}"
 
 
-@pytest.mark.parametrize("path", [pytest.param(p, marks=pytest.mark.slow) if p.name in SLOW else p for p in NOTEBOOKS],
-                         ids=[p.name for p in NOTEBOOKS])
+# Each trains on 2 cores (measured in a kernel there: quickstart ~130 s, tuning ~60 s with two Tune trials,
+# residency ~50 s), so they run with `make test-slow` (CI runs it after `make test`), keeping `make test`
+# inside its 25 minutes.
+@pytest.mark.slow
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
 def test_notebook_runs_top_to_bottom(path, three_region_cluster):
     import nbformat
     from nbclient import NotebookClient
