@@ -363,18 +363,17 @@ def _stage_production(name: str, state: dict) -> str:
     import shlex
 
     from mlplatform.cli import main as cli
+    from mlplatform.cluster.render import rendered_by
     from mlplatform.observability import check_dashboard
 
     shipped = sorted([*REPO.glob("cluster_configs/kuberay/*.yaml"), *REPO.glob("cluster_configs/launcher/*.yaml")])
     kinds = Counter()
     for path in shipped:
-        text = path.read_text()
-        # Each file's first line names the exact command that renders it.
-        command = shlex.split(text.splitlines()[0].split("`")[1])[1:]
+        command = rendered_by(path)  # each file's first line names the command that renders it
         out = io.StringIO()
         with contextlib.redirect_stdout(out):
             cli(command)
-        if out.getvalue() != text:
+        if out.getvalue() != path.read_text():
             raise PlatformError(f"{path.relative_to(REPO)} differs from its render; run `{shlex.join(['mlplatform', *command])}`")
         kinds[command[command.index("--target") + 1]] += 1
     queries = check_dashboard(REPO / "cluster_configs/observability/grafana-dashboard.json")

@@ -2,7 +2,6 @@
 valid against the official CRDs, and the shipped ones equal their render."""
 
 import functools
-import shlex
 
 import jsonschema
 import pytest
@@ -13,7 +12,7 @@ from mlplatform import config, residency
 from mlplatform.cli import main
 from mlplatform.cluster import ClusterSpec
 from mlplatform.cluster.kuberay import render_raycluster, render_rayjob
-from mlplatform.cluster.render import RenderOptions, render
+from mlplatform.cluster.render import RenderOptions, render, rendered_by
 from mlplatform.errors import PlatformError
 
 CRDS = REPO.parent / "shared" / "kuberay-crds"
@@ -41,10 +40,7 @@ def _schema(kind):
 def _rerender(path, capsys, monkeypatch):
     """Run the command a shipped file's header names; return its output."""
     monkeypatch.chdir(REPO)
-    header = path.read_text().splitlines()[0]
-    assert header.startswith("# Rendered by `mlplatform ") and header.endswith("`; edit the spec, not this file.")
-    argv = shlex.split(header.split("`")[1])[1:]
-    assert main(argv) == 0
+    assert main(rendered_by(path)) == 0
     return capsys.readouterr().out
 
 

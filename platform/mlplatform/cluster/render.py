@@ -49,8 +49,23 @@ def render(target: str, config: str, options: RenderOptions = RenderOptions()) -
     """
     manifest = _render(target, config, options)
     command = shlex.join(["mlplatform", "cluster", "render", "--target", target, "--config", config, *options.argv()])
-    header = f"# Rendered by `{command}`; edit the spec, not this file.\n"
+    header = f"{_HEADER[0]}{command}{_HEADER[1]}\n"
     return header + yaml.dump(manifest, Dumper=_NoAliases, sort_keys=False, width=120)
+
+
+_HEADER = ("# Rendered by `", "`; edit the spec, not this file.")
+
+
+def rendered_by(path: str | Path) -> list[str]:
+    """The `mlplatform` arguments that rendered a shipped file, read from its first line.
+
+    Raises:
+        SpecError: the file does not start with the header `render` writes.
+    """
+    first = Path(path).read_text().split("\n", 1)[0]
+    if not (first.startswith(_HEADER[0] + "mlplatform ") and first.endswith(_HEADER[1])):
+        raise SpecError(f"{path} does not start with the header `mlplatform cluster render` writes; render it again.")
+    return shlex.split(first[len(_HEADER[0]):-len(_HEADER[1])])[1:]
 
 
 class _NoAliases(yaml.SafeDumper):
