@@ -406,17 +406,19 @@ def _autoscaling() -> str:
     running = cluster.up(spec, str(REPO / AUTOSCALING_CLUSTER))
     try:
         cluster.connect(spec.name)
-        before = {n.node_id for n in cluster.inventory(spec.name) if n.alive}
-        if any(n.group == "gpu" for n in cluster.inventory(spec.name) if n.alive):
+        alive = [n for n in cluster.inventory(spec.name) if n.alive]
+        before = {n.node_id for n in alive}
+        if any(n.group == "gpu" for n in alive):
             raise PlatformError("the autoscaling cluster started with a gpu node; its gpu group must start empty")
         task = ray.remote(num_cpus=1)(lambda: ray.get_runtime_context().get_node_id())
         t0 = time.monotonic()
         node_id = ray.get(task.options(label_selector={"ray.io/node-group": "gpu"}).remote(), timeout=120)
         waited = time.monotonic() - t0
-        node = next(n for n in cluster.inventory(spec.name) if n.node_id == node_id)
+        nodes = cluster.inventory(spec.name)
+        node = next(n for n in nodes if n.node_id == node_id)
         if node_id in before or node.group != "gpu" or node.market != "spot":
             raise PlatformError(f"the gpu task ran on {node.name} ({node.group}, {node.market}), not on a launched gpu spot node")
-        print_nodes(cluster.inventory(spec.name))
+        print_nodes(nodes)
         return (f"a pending gpu task made Ray's autoscaler launch a {node.group} {node.market} node in {node.zone}; "
                 f"it ran there {waited:.0f}s after submission")
     finally:
