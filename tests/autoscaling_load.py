@@ -33,9 +33,28 @@ def deploy_pinned_app(group: str, port: int, *, max_replicas: int = 4, work_s: f
             return "ok"
 
     # Proxy on the head only: a proxy on a launched node would be one more actor there.
-    serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
+    serve.start(http_options={"host": "127.0.0.1", "port": port, **_https_options()}, proxy_location="HeadOnly")
     serve.run(Probe.bind(), name=APP, route_prefix=f"/{APP}")
-    return f"http://127.0.0.1:{port}/{APP}"
+    return f"{'https' if _https_options() else 'http'}://127.0.0.1:{port}/{APP}"
+
+
+def _https_options() -> dict[str, str]:
+    """The connected cluster's Serve HTTPS options (connect() exported its TLS client settings); {} without TLS."""
+    import os
+    from pathlib import Path
+
+    from mlplatform.cluster import tls
+
+    if os.environ.get("RAY_USE_TLS") != "1":
+        return {}
+    return tls.serve_http_options(tls.Material(Path(os.environ["RAY_TLS_CA_CERT"]).parent))
+
+
+def _context(url: str):
+    """Verify an https:// URL against the cluster's CA."""
+    from mlplatform.serve._client import https_context
+
+    return https_context() if url.startswith("https://") else None
 
 
 @dataclass
@@ -91,7 +110,7 @@ def load_step(url: str, seconds: float, concurrency: int) -> int:
         nonlocal ok
         while time.monotonic() < deadline:
             try:
-                with urllib.request.urlopen(url, timeout=60) as response:
+                with urllib.request.urlopen(url, timeout=60, context=_context(url)) as response:
                     if response.status == 200:
                         with lock:
                             ok += 1

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 from pathlib import Path
 
@@ -171,8 +172,21 @@ def serve_on_free_port(cluster) -> int:
     connect(cluster.name)
     serve.shutdown()  # a Serve left by an earlier module would keep its own port
     port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
+    serve.start(http_options={"host": "127.0.0.1", "port": port, **https_options(cluster)}, proxy_location="HeadOnly")
     return port
+
+
+def https_options(cluster) -> dict[str, str]:
+    """Serve's HTTPS http_options for `cluster` (the platform's own, as `mlplatform serve deploy`
+    sets them); {} for a cluster without TLS. Also makes `requests` and urllib in this process trust
+    the cluster's CA, so the tests' https:// URLs verify the proxy's certificate."""
+    from mlplatform.cluster import tls
+
+    material = cluster.tls()
+    if material is None:
+        return {}
+    os.environ["REQUESTS_CA_BUNDLE"] = os.environ["SSL_CERT_FILE"] = str(material.ca_cert)
+    return tls.serve_http_options(material)
 
 
 # Ray's head writes the scrape targets of every node's metrics agent here (ray_constants

@@ -37,6 +37,11 @@ _SERVE_FILE = arg("path", metavar="PATH", help="Serve config YAML, e.g. serve_ap
 _APP = arg("app", help="Serve application name.")
 _KEYS_DIR = arg("--keys-dir", default=None, help="Key store directory (default $MLPLATFORM_HOME/serve/keys).")
 _CONFIG = arg("--config", required=True, metavar="PATH", help="Cluster spec YAML, e.g. cluster_configs/local/dev.yaml.")
+_USER = arg("user", help="User name, e.g. alice.")
+_ROLE = arg("--role", required=True, choices=["viewer", "developer", "deployer", "admin"],
+            help="viewer (read), developer (register, export), deployer (aliases, deploy, rollback), admin (policy, keys, users).")
+_ON = arg("--on", default="*", metavar="RESOURCE",
+          help="Where the role applies: `*` (everywhere, default), registry:<model> or serve:<app>.")
 
 
 # --- handlers: thin adapters from flags to library calls -------------------------------
@@ -56,7 +61,7 @@ def _cluster_up(a: argparse.Namespace) -> None:
     running = cluster.up(spec, a.config, timeout_s=a.timeout)
     print_nodes(cluster.inventory(spec.name))
     print(f"\nDashboard: {running.dashboard_url}  (log in with `mlplatform cluster token`)")
-    print(f"Address:   {running.gcs_address}  (token auth on)")
+    print(f"Address:   {running.gcs_address}  (token auth on, TLS {'on' if running.tls_dir else 'OFF'})")
     print('Point `ray` / `ray job submit` at it:  eval "$(mlplatform cluster env)"')
 
 
@@ -88,6 +93,17 @@ def _cluster_env(a: argparse.Namespace) -> None:
 
     for key, value in cluster.cluster_env(a.name).items():
         print(f"export {key}={value}")
+
+
+def _cluster_certs_renew(a: argparse.Namespace) -> None:
+    from mlplatform.cluster import local
+
+    renewed, running = local.renew_certs(a.name)
+    for path in renewed:
+        print(f"renewed {path}")
+    if running:
+        print(f"Cluster '{a.name}' is running: clients use the new client certificate at once; its nodes keep the "
+              f"ones they loaded until restarted (`mlplatform cluster down --name {a.name}`, then `up`).")
 
 
 def _cluster_token(a: argparse.Namespace) -> None:
@@ -167,16 +183,34 @@ def _serve_delete(a: argparse.Namespace) -> None:
 def _serve_key_create(a: argparse.Namespace) -> None:
     from mlplatform import serve
 
-    created = serve.create_key(a.app, label=a.label, keys_dir=a.keys_dir)
+    quota = serve.Quota.of(a.rate, a.burst) if a.rate is not None else None
+    if quota is None and a.burst is not None:
+        from mlplatform.errors import ApiKeyError
+
+        raise ApiKeyError("Got `--burst` without `--rate`; a quota needs a rate (requests/s), e.g. --rate 10 --burst 20.")
+    created = serve.create_key(a.app, label=a.label, scopes=a.scope or ("predict",), expires=a.expires_in,
+                               quota=quota, keys_dir=a.keys_dir)
     print(f"key id {created.record.key_id} for '{a.app}' (shown once; store it now):")
+    print(created.key)
+
+
+def _serve_key_rotate(a: argparse.Namespace) -> None:
+    from mlplatform import serve
+
+    created = serve.rotate_key(a.app, a.key_id, grace=a.grace, keys_dir=a.keys_dir)
+    old = next(k for k in serve.list_keys(a.app, keys_dir=a.keys_dir) if k.key_id == a.key_id)
+    print(f"key id {created.record.key_id} replaces {a.key_id} of '{a.app}' (shown once; store it now); "
+          f"{a.key_id} stops working at {old.expires_at}:")
     print(created.key)
 
 
 def _serve_key_list(a: argparse.Namespace) -> None:
     from mlplatform import serve
 
-    print(table(["KEY ID", "LABEL", "CREATED", "REVOKED"], [
-        [k.key_id, k.label, k.created_at, k.revoked_at or "-"] for k in serve.list_keys(a.app, keys_dir=a.keys_dir)
+    print(table(["KEY ID", "LABEL", "SCOPES", "STATE", "CREATED", "EXPIRES", "QUOTA", "REVOKED"], [
+        [k.key_id, k.label, ",".join(k.scopes), k.state, k.created_at, k.expires_at or "never",
+         k.quota.describe() if k.quota else "none", k.revoked_at or "-"]
+        for k in serve.list_keys(a.app, keys_dir=a.keys_dir)
     ]))
 
 
@@ -185,6 +219,58 @@ def _serve_key_revoke(a: argparse.Namespace) -> None:
 
     record = serve.revoke_key(a.app, a.key_id, keys_dir=a.keys_dir)
     print(f"Revoked key {record.key_id} of '{a.app}' at {record.revoked_at}.")
+
+
+def _users_add(a: argparse.Namespace) -> None:
+    from mlplatform import access
+
+    user, token = access.add_user(a.user, a.role, a.on)
+    print(f"user {user.name!r}: {_grants(user)}. Their token (shown once; hand it over privately, "
+          f"use it as {access.TOKEN_ENV} or in a 0600 file named by {access.TOKEN_FILE_ENV}):")
+    print(token)
+
+
+def _users_grant(a: argparse.Namespace) -> None:
+    from mlplatform import access
+
+    user = access.grant(a.user, a.role, a.on)
+    print(f"user {user.name!r}: {_grants(user)}")
+
+
+def _users_remove(a: argparse.Namespace) -> None:
+    from mlplatform import access
+
+    access.remove_user(a.user)
+    print(f"Removed user {a.user!r} and every token they held.")
+
+
+def _users_list(a: argparse.Namespace) -> None:
+    from mlplatform import access
+
+    print(table(["USER", "ROLES", "TOKENS", "CREATED", "BY"], [
+        [u.name, _grants(u), u.tokens, u.created_at, u.created_by] for u in access.list_users()
+    ]))
+
+
+def _users_whoami(a: argparse.Namespace) -> None:
+    from mlplatform import access
+
+    caller = access.whoami()
+    print(f"{caller.user.name}: {_grants(caller.user)} (identified by {caller.via})")
+
+
+def _users_audit(a: argparse.Namespace) -> int:
+    from mlplatform import access
+
+    path = access.local_trail()
+    if not path.exists():
+        print(f"no decisions recorded on this machine yet ({path})")
+        return 0
+    return _print_trail(path, a.verify, "access")
+
+
+def _grants(user: Any) -> str:
+    return ", ".join(f"{role.value} on {res}" for res, role in user.grants.items()) or "no roles"
 
 
 def _validate(a: argparse.Namespace) -> int:
@@ -200,8 +286,12 @@ def _validate(a: argparse.Namespace) -> int:
             kind, how = a.kind or spec_kinds.kind_of(path), ""
             if kind is None:
                 kind, how = spec_kinds.kind_from_content(path), ", inferred from its keys"
-            config.load(path, spec_kinds.model_for(kind))
+            loaded = config.load(path, spec_kinds.model_for(kind))
             print(f"ok  {path} ({kind}{how})")
+            if getattr(loaded, "tls", True) is False:  # a cluster spec that turns TLS off
+                from mlplatform.cluster.local import tls_off_warning
+
+                print(f"warning: {tls_off_warning(loaded.name, str(path))}", file=sys.stderr)
         except PlatformError as e:
             failed += 1
             checked = f"\n  (checked as a {kind} spec{how}; pass --kind to check it as another)" if how else ""
@@ -347,15 +437,21 @@ def _residency_audit(a: argparse.Namespace) -> int:
     if a.path:
         print(audit.default_path(local.find(a.name).name))
         return 0
-    path = _flushed_trail(a.name)
-    if a.verify:
+    return _print_trail(_flushed_trail(a.name), a.verify)
+
+
+def _print_trail(path, verify: bool, kind: str | None = None) -> int:
+    """An audit trail's records as JSON lines, or with `verify` its hash-chain check (exit 1 if broken)."""
+    from mlplatform.residency import audit
+
+    if verify:
         report = audit.verify(path)
         if report.ok:
             print(f"ok  {path}: {report.records} record(s), hash chain intact")
             return 0
         print(f"BROKEN  {path}: {report.reason}", file=sys.stderr)
         return 1
-    for record in audit.read(path):
+    for record in audit.read(path, kind):
         print(json.dumps(record, sort_keys=True))
     return 0
 
@@ -504,6 +600,25 @@ def _registry_verify(a: argparse.Namespace) -> int:
     return 1
 
 
+def _keys_rotate(a: argparse.Namespace) -> int:
+    import os
+
+    from mlplatform._internal import keyring
+    from mlplatform.residency.names import CLUSTER_ENV
+
+    from mlplatform import access, registry
+
+    if a.name:
+        os.environ[CLUSTER_ENV] = a.name  # the key beside that cluster's auth token
+    access.require("keys.rotate")
+    old, new, count = keyring.rotate_and_rewrap(a.paths)
+    versions = sum(registry.rewrap(root, keyring.cluster_keyring(create=False)) for root in a.registry_root)
+    print(f"rotated the cluster key {old} -> {new}; re-wrapped {count} encrypted file(s) and {versions} registry "
+          f"version(s) (data not re-encrypted); the old key stays in {keyring.key_dir() / keyring.RETIRED} for "
+          f"anything not under the paths given")
+    return 0
+
+
 def _aliases(aliases: dict[str, int]) -> str:
     return ", ".join(f"{k}->{v}" for k, v in sorted(aliases.items())) or "-"
 
@@ -563,6 +678,11 @@ COMMANDS: dict[tuple[str, ...], Command] = {
     ("cluster", "status"): Command(_cluster_status, "Table of the cluster's nodes: group, region, market, resources.", (_NAME,)),
     ("cluster", "env"): Command(
         _cluster_env, 'Shell exports for `ray`, `ray job submit` and ray.init(): eval "$(mlplatform cluster env)".', (_NAME,)
+    ),
+    ("cluster", "certs", "renew"): Command(
+        _cluster_certs_renew,
+        "New node and client TLS certificates from the cluster's CA (restart a running cluster to load them).",
+        (arg("--name", required=True, help="Cluster name."),),
     ),
     ("cluster", "render"): Command(
         _cluster_render,
@@ -672,6 +792,14 @@ COMMANDS: dict[tuple[str, ...], Command] = {
         (arg("--config", metavar="FILE", help="Price catalog YAML (default $MLPLATFORM_PRICE_CATALOG), e.g. "
              "cluster_configs/prices/example.yaml."),),
     ),
+    ("keys", "rotate"): Command(
+        _keys_rotate,
+        "Rotate the cluster's artifact key and re-wrap the data keys of encrypted checkpoints/artifacts under PATHS.",
+        (_NAME, arg("paths", nargs="*", metavar="PATH", help="Directories of encrypted files to re-wrap, e.g. "
+                    "a run's storage_path; files elsewhere keep opening through the retired key."),
+         arg("--registry-root", action="append", default=[], metavar="ROOT",
+             help="A registry whose encrypted versions to re-wrap too (repeatable).")),
+    ),
     ("registry", "verify"): Command(
         _registry_verify, "Check a version's files against its manifest hashes; exit 1 if any differ.", (_ROOT, _REF)
     ),
@@ -708,13 +836,39 @@ COMMANDS: dict[tuple[str, ...], Command] = {
     ("serve", "delete"): Command(_serve_delete, "Delete one Serve application.", (_APP, _NAME)),
     ("serve", "keys", "create"): Command(
         _serve_key_create, "Create an API key for an application; the key is printed once.",
-        (_APP, arg("--label", default="", help="What the key is for."), _KEYS_DIR),
+        (_APP, arg("--label", default="", help="What the key is for."),
+         arg("--scope", action="append", choices=["predict", "metrics", "admin"],
+             help="What the key may call; repeat for several (default predict)."),
+         arg("--expires-in", default=None, metavar="WHEN",
+             help="Expiry: a duration (90m, 12h, 30d, 2w) or an ISO 8601 time (default: never)."),
+         arg("--rate", type=float, default=None, help="Quota: requests per second (default: no quota)."),
+         arg("--burst", type=int, default=None, help="Quota: burst size in requests (default: one second's worth)."),
+         _KEYS_DIR),
+    ),
+    ("serve", "keys", "rotate"): Command(
+        _serve_key_rotate, "Replace a key by a new one (same scopes and quota); the old one works until the grace ends.",
+        (_APP, arg("key_id", help="Key id from `serve keys list`."),
+         arg("--grace", default="1h", help="How long the old key keeps working: 0, 90s, 15m, 1h, 1d (default 1h)."),
+         _KEYS_DIR),
     ),
     ("serve", "keys", "list"): Command(_serve_key_list, "An application's keys (ids and labels, never secrets).", (_APP, _KEYS_DIR)),
     ("serve", "keys", "revoke"): Command(
         _serve_key_revoke, "Revoke a key; requests with it get 401 from then on.",
         (_APP, arg("key_id", help="Key id from `serve keys list`."), _KEYS_DIR),
     ),
+    ("users", "add"): Command(
+        _users_add, "Create a user with a role and print their token once (admin).",
+        (_USER, _ROLE, _ON),
+    ),
+    ("users", "grant"): Command(_users_grant, "Set a user's role on a resource, replacing the one held there (admin).",
+                                (_USER, _ROLE, _ON)),
+    ("users", "remove"): Command(_users_remove, "Delete a user and every token they hold (admin).", (_USER,)),
+    ("users", "list"): Command(_users_list, "Users, their roles and how many tokens each holds (never the tokens)."),
+    ("users", "audit"): Command(
+        _users_audit, "Access decisions made off any cluster on this machine (on a cluster: `residency audit`).",
+        (arg("--verify", action="store_true", help="Check the hash chain; exit 1 naming the first bad record."),),
+    ),
+    ("users", "whoami"): Command(_users_whoami, "The user this shell acts as, with its roles and where its token came from."),
     ("validate",): Command(
         _validate,
         "Validate spec YAML files against their models; every problem is listed.",
@@ -726,14 +880,17 @@ COMMANDS: dict[tuple[str, ...], Command] = {
 }
 
 GROUP_HELP = {
-    "cluster": "Ray clusters: up, down, status, env, token, render.",
+    "cluster": "Ray clusters: up, down, status, env, token, certs, render.",
+    "cluster certs": "The cluster's TLS certificates: renew.",
     "registry": "Model registry: list, show, diff, alias, promote, rollback, history, migrate, verify.",
     "residency": "Data residency: show the cluster's policy, check a spec against it, sweep where work ran, audit trail, report.",
     "cost": "Cost: report what jobs cost from the ledger, show a price catalog.",
+    "keys": "The cluster's artifact encryption key: rotate (re-wraps data keys, never re-encrypts data).",
+    "users": "Users and roles: add, grant, remove, list, whoami (tokens from MLPLATFORM_TOKEN or MLPLATFORM_TOKEN_FILE).",
     "train": "Training: plan (what would run, memory per ZeRO stage).",
     "tune": "Hyperparameter search: plan (trials, placement, cost forecast) before `jobs/tune.py` runs it.",
     "serve": "Serving on Ray Serve: check, deploy, status, delete, keys.",
-    "serve keys": "API keys of a Serve application: create, list, revoke.",
+    "serve keys": "API keys of a Serve application: create, list, rotate, revoke.",
 }
 
 

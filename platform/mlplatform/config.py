@@ -45,14 +45,7 @@ def load(path: str | Path, model: type[M]) -> M:
 
 def parse(text: str, model: type[M], source: str = "<spec>") -> M:
     """Validate YAML text against `model`; `source` names it in errors."""
-    try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(e, "problem", None) or str(e)
-        raise SpecError(f"{source}:{where}: not valid YAML: {problem}.") from None
+    data, root = read_yaml(text, source)
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -64,6 +57,81 @@ def parse(text: str, model: type[M], source: str = "<spec>") -> M:
         return model.model_validate(data)
     except ValidationError as e:
         raise SpecError(format_validation_error(e, source, root)) from None
+
+
+def read_yaml(text: str, source: str = "<spec>") -> tuple[Any, yaml.Node | None]:
+    """The values of spec YAML `text` and its node tree, hostile files refused first (size, alias
+    bombs, recursive anchors, deep nesting): every reader of a user's spec goes through here.
+
+    Raises:
+        SpecError: not YAML, or one of those; the message says what and how to fix it.
+    """
+    if len(text) > MAX_SPEC_CHARS:
+        raise SpecError(
+            f"{source}: {len(text):,} characters; a spec may have at most {MAX_SPEC_CHARS:,}. Specs name "
+            f"their data by path; put large values (datasets, weights) in files and reference them."
+        )
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        _check_expansion(root, source)  # before building values: an alias bomb is a small graph, huge tree
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e)
+        raise SpecError(f"{source}:{where}: not valid YAML: {problem}.") from None
+    except RecursionError:  # PyYAML composes recursively: thousands of nested [ or { exhaust the stack
+        raise SpecError(
+            f"{source}: values are nested too deeply to read; a spec nests a few levels. Flatten the "
+            f"nested lists or mappings."
+        ) from None
+    return data, root
+
+
+# A spec is a few hundred values; these bounds stop hostile files long before memory or CPU runs out.
+MAX_SPEC_CHARS = 1_000_000
+MAX_SPEC_VALUES = 100_000
+
+
+def _check_expansion(root: yaml.Node | None, source: str) -> None:
+    """Refuse YAML whose anchors and aliases expand to more than MAX_SPEC_VALUES values ("billion laughs").
+
+    PyYAML shares an aliased node rather than copying it, so the file loads small, but validation and
+    error formatting walk the expanded tree: 9 levels of 9 aliases is 9**9 values. Sizes are counted
+    per node once (memoized), so the check itself is linear in the file.
+    """
+    sizes: dict[int, int] = {}
+    active: set[int] = set()
+
+    def size(node: yaml.Node) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in active:
+            mark = node.start_mark
+            raise SpecError(
+                f"{source}: line {mark.line + 1}: a YAML alias refers to a node that contains it (a recursive "
+                f"anchor); specs must be trees. Write the value out instead of using the anchor."
+            )
+        active.add(key)
+        total = 1
+        if isinstance(node, yaml.SequenceNode):
+            total += sum(size(child) for child in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            total += sum(size(k) + size(v) for k, v in node.value)
+        active.discard(key)
+        sizes[key] = total
+        if total > MAX_SPEC_VALUES:
+            mark = node.start_mark
+            raise SpecError(
+                f"{source}: line {mark.line + 1}: YAML anchors and aliases (&name / *name) expand to more than "
+                f"{MAX_SPEC_VALUES:,} values (an alias bomb?); a spec is far smaller. Write the values out or "
+                f"remove the nested aliases."
+            )
+        return total
+
+    if root is not None:
+        size(root)
 
 
 def validate(data: dict[str, Any], model: type[M], source: str) -> M:

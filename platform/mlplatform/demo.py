@@ -218,10 +218,11 @@ def _stage_serve(name: str, state: dict) -> str:
     config = yaml.safe_load((REPO / SERVE_APP).read_text())
     app = config["applications"][0]["name"]
     primary = config["applications"][0]["args"]["primary"]
-    url = f"http://{config['http_options']['host']}:{config['http_options']['port']}/v1/predict"
     serve.deploy(REPO / SERVE_APP, cluster=name)
     try:
         _wait_running(app, name)
+        # https:// once the cluster runs with TLS (serve.deploy gave Serve the cluster's certificate).
+        url = f"{serve.endpoint(app, cluster=name)}/v1/predict"
         key = serve.create_key(app, label="make demo").key
         digits = load_digits()
         rows, labels = (digits.data / 16.0).tolist(), digits.target.tolist()  # the 0..1 scaling training used
@@ -231,6 +232,7 @@ def _stage_serve(name: str, state: dict) -> str:
         print(f"RUNNING replicas of {app} while loaded (serve status, every {POLL_S:.0f}s): {replicas}")
         placement = _replica_groups(app)
         print(f"replica node groups (state API): {placement}")
+        refusals = _key_refusals(app, url, rows[0])
     finally:
         serve.delete(app, cluster=name)
     if load.failed or load.completed < 2:
@@ -241,10 +243,49 @@ def _stage_serve(name: str, state: dict) -> str:
     if set(placement) != {pinned}:
         raise PlatformError(f"{app}'s replicas ran on node groups {placement}; the spec pins them to {pinned!r}")
     return (
+        f"{refusals}; "
         f"{load.completed} requests completed, 0 failed, {load.completed / load.seconds:.0f} req/s, "
         f"p50 {load.percentile(50):.1f} ms, p99 {load.percentile(99):.1f} ms, accuracy {load.correct / load.completed:.3f}; "
         f"autoscaled {replicas[0]} -> {max(replicas)} replicas under {CALLERS} callers, all on the {pinned} group"
     )
+
+
+def _key_refusals(app: str, url: str, row: list[float]) -> str:
+    """What the app answers a key it must refuse, and plain HTTP: each must be refused, never 5xx."""
+    from mlplatform import serve
+    from mlplatform.serve import Quota, https_context
+
+    def status(key: str) -> tuple[int, str]:
+        request = urllib.request.Request(url, data=json.dumps({"inputs": [row]}).encode(),
+                                         headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=30, context=https_context()) as response:
+                return response.status, ""
+        except urllib.error.HTTPError as e:
+            return e.code, e.headers.get("Retry-After", "")
+
+    metrics_only = serve.create_key(app, label="demo: metrics only", scopes=["metrics"]).key
+    expiring = serve.create_key(app, label="demo: expires", expires="1s").key
+    limited = serve.create_key(app, label="demo: 1 request/s", quota=Quota.of(1, 1)).key
+    time.sleep(2.5)  # the expiring key has expired; every replica has re-read the key file (each second)
+    seen = {"metrics-scoped key": status(metrics_only)[0], "expired key": status(expiring)[0]}
+    quota = [status(limited) for _ in range(8)]
+    seen["over quota"] = next((code for code, _ in quota if code == 429), quota[-1][0])
+    retry_after = next((after for code, after in quota if code == 429), "")
+    try:  # the same port without TLS: the proxy only speaks HTTPS
+        urllib.request.urlopen(url.replace("https://", "http://", 1), timeout=10)
+        seen["plain HTTP"] = "answered"
+    except urllib.error.HTTPError as e:
+        seen["plain HTTP"] = f"HTTP {e.code}"
+    except OSError as e:  # the connection is dropped: the request never reaches the model
+        seen["plain HTTP"] = f"refused ({type(e).__name__})"
+    print(f"refusals: {seen}; 429 Retry-After {retry_after!r} s")
+    want = {"metrics-scoped key": 403, "expired key": 401, "over quota": 429}
+    wrong = {k: v for k, v in want.items() if seen[k] != v}
+    if wrong or not str(seen["plain HTTP"]).startswith("refused") or not retry_after:
+        raise PlatformError(f"key and transport refusals: got {seen} (Retry-After {retry_after!r}); expected {want}, "
+                            "plain HTTP refused, a Retry-After on 429")
+    return "metrics-scoped key 403, expired key 401, over quota 429, plain HTTP refused"
 
 
 # Closed-loop callers for the serve stage: the shipped throughput preset aims at 16 ongoing requests
@@ -259,6 +300,10 @@ class _Load:
 
     def __init__(self, url: str, key: str, rows: list[list[float]], labels: list[int]):
         self.url, self.key, self.rows, self.labels = url, key, rows, labels
+        from mlplatform.serve import https_context
+
+        # Verified against the cluster's CA (RAY_TLS_CA_CERT, exported when the demo connected).
+        self._context = https_context() if url.startswith("https://") else None
         self.completed = self.correct = 0
         self.failed: Counter[str] = Counter()  # by kind: "HTTP 503", "ConnectionRefusedError", ...
         self.latencies_ms: list[float] = []
@@ -295,7 +340,7 @@ class _Load:
             )
             t0 = time.perf_counter()
             try:
-                with urllib.request.urlopen(request, timeout=30) as response:
+                with urllib.request.urlopen(request, timeout=30, context=self._context) as response:
                     outputs = json.loads(response.read())["outputs"][0]
             except urllib.error.HTTPError as e:
                 kind = f"HTTP {e.code}"
@@ -356,6 +401,79 @@ def _wait_running(app: str, name: str, timeout_s: float = 300.0) -> None:
     )(running)
 
 
+def _stage_security(name: str, state: dict) -> str:
+    """TLS between Ray's processes, roles on alias moves (audited), restricted checkpoints encrypted."""
+    import os
+    import subprocess
+
+    import torch
+
+    from mlplatform import access, registry
+    from mlplatform._internal import envelope
+    from mlplatform.residency import audit
+
+    # 1. Ray's own CLI: refused without the cluster's client certificate, let in with `cluster env`.
+    env = cluster.find(name).env()
+    tls_vars = ("RAY_USE_TLS", "RAY_TLS_SERVER_CERT", "RAY_TLS_SERVER_KEY", "RAY_TLS_CA_CERT")
+    base = {k: v for k, v in os.environ.items() if k not in tls_vars}
+    ray_cli = str(Path(sys.executable).with_name("ray"))
+    without = subprocess.run([ray_cli, "status"], env={**base, **{k: v for k, v in env.items() if k not in tls_vars}},
+                             capture_output=True, text=True, timeout=120)
+    with_env = subprocess.run([ray_cli, "status"], env={**base, **env}, capture_output=True, text=True, timeout=120)
+    print(f"`ray status` with the token but without the TLS variables: exit {without.returncode}; "
+          f"with `mlplatform cluster env`: exit {with_env.returncode}")
+    if without.returncode == 0 or with_env.returncode != 0:
+        raise PlatformError(f"ray status: exit {without.returncode} without the cluster's certificate (want non-zero), "
+                            f"{with_env.returncode} with it (want 0): {with_env.stderr[-1000:]}")
+
+    # 2. Roles: a viewer may not move a production alias, a deployer may; both decisions audited.
+    stamp = time.strftime("%Y%m%d%H%M%S")
+    viewer, deployer = f"demo-viewer-{stamp}", f"demo-deployer-{stamp}"
+    _, viewer_token = access.add_user(viewer, "viewer")
+    _, deployer_token = access.add_user(deployer, "deployer", on=f"registry:{MODEL}")
+    target = registry.resolve(f"{MODEL}@production", root=REGISTRY).version
+    try:
+        os.environ[access.TOKEN_ENV] = viewer_token
+        try:
+            registry.set_alias(MODEL, "production", target, root=REGISTRY)
+            raise PlatformError(f"user {viewer} (viewer) moved {MODEL}@production: roles are not enforced")
+        except access.AccessDenied as e:
+            print(f"viewer refused: {e}")
+        os.environ[access.TOKEN_ENV] = deployer_token
+        registry.set_alias(MODEL, "production", target, root=REGISTRY)
+        print(f"deployer {deployer} moved {MODEL}@production to version {target}")
+    finally:
+        os.environ.pop(access.TOKEN_ENV, None)
+        for user in (viewer, deployer):
+            access.remove_user(user)
+    trail = audit.default_path(name)
+    decisions: dict[str, bool] = {}
+    deadline = time.monotonic() + 30  # records reach the cluster's trail through its writer actor
+    while len(decisions) < 2 and time.monotonic() < deadline:
+        decisions = {r["user"]: r["allowed"] for r in audit.read(trail, "access")
+                     if r.get("user") in (viewer, deployer) and r.get("action") == "registry.alias.set"}
+        time.sleep(0.5)
+    if decisions != {viewer: False, deployer: True}:
+        raise PlatformError(f"the audit trail {trail} holds {decisions} for the two alias moves; want the viewer's "
+                            "refusal and the deployer's move")
+
+    # 3. The restricted training run's checkpoints: ciphertext torch cannot read.
+    stored = [p for c in Path(state["artifact"]).parent.glob("checkpoint_step*") for p in c.rglob("*.pt")]
+    readable = []
+    for path in stored:
+        try:
+            torch.load(path, weights_only=True)
+            readable.append(path)
+        except Exception:  # noqa: BLE001 - any failure to parse is what is wanted
+            pass
+    if not stored or readable or not all(envelope.is_encrypted(p) for p in stored):
+        raise PlatformError(f"{len(stored)} checkpoint files of {state['run']}, {len(readable)} readable by torch "
+                            f"without the key (e.g. {readable[:1]}); want all encrypted")
+    print(f"{len(stored)} checkpoint .pt files of {state['run']} are envelope-encrypted; torch.load fails on each")
+    return (f"ray status refused without the cluster's certificate; viewer's alias move refused and deployer's "
+            f"allowed, both in the audit trail; {len(stored)} restricted checkpoint files unreadable without the key")
+
+
 def _stage_production(name: str, state: dict) -> str:
     """Every shipped KubeRay and launcher file is the render of its spec; the dashboard's queries are sound."""
     import contextlib
@@ -391,6 +509,7 @@ STAGES: list[tuple[str, Callable[[str, dict], str]]] = [
     ("export ONNX + INT8 with accuracy gates (ray job submit jobs/export.py)", _stage_export),
     (f"serve {SERVE_APP} (keys, batching, autoscaling) under load", _stage_serve),
     ("residency report: where the job ran, where each model version was trained and is stored", _stage_residency_report),
+    ("security: mutual TLS, roles on alias moves (audited), encrypted restricted checkpoints", _stage_security),
     ("production: KubeRay/launcher renders and the Grafana dashboard's queries", _stage_production),
 ]
 

@@ -76,18 +76,18 @@ def kind_from_content(path: str) -> str:
         SpecError: the file cannot be read as a YAML mapping, or its keys point to no kind or to
             several (the message lists the kinds and the `--kind` flag).
     """
-    import yaml
-
     from mlplatform.errors import SpecError
 
     choose = f"pass --kind ({', '.join(KINDS)})"
+    from mlplatform.config import read_yaml
+
     try:
         with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
+            data, _ = read_yaml(f.read(), str(path))
     except OSError as e:
         raise SpecError(f"{path}: cannot read it ({e.strerror}); check the path.") from None
-    except yaml.YAMLError as e:
-        raise SpecError(f"{path}: is not valid YAML ({str(e).splitlines()[0]}); fix it, or {choose}.") from None
+    except SpecError as e:
+        raise SpecError(f"{e} Fix it, or {choose}.") from None
     if not isinstance(data, dict) or not data:
         got = "an empty file" if data is None or data == {} else f"a YAML {type(data).__name__}"
         raise SpecError(f"{path}: holds {got}, not a mapping of spec fields, so its kind cannot be told; "

@@ -49,6 +49,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import signal
 import statistics
 import subprocess
@@ -87,7 +88,10 @@ async def _load(url: str, key: str, rows: list[list[float]], concurrency: int, s
     bodies = [json.dumps({"inputs": [r]}).encode() for r in rows]
     start = time.perf_counter()
     measure_from, stop_at = start + warmup, start + warmup + seconds
-    connector = aiohttp.TCPConnector(limit=concurrency)
+    # https:// verified against the cluster's CA (RAY_TLS_CA_CERT, inherited from the bench process).
+    from mlplatform.serve._client import https_context
+
+    connector = aiohttp.TCPConnector(limit=concurrency, ssl=https_context() if url.startswith("https://") else True)
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=30)) as session:
 
         async def worker(i: int) -> None:
@@ -259,7 +263,12 @@ def deploy(model: str, widths: tuple[int, ...], work: Path, port: int) -> dict[s
     apps["bare-torch"], apps["bare-int8"] = f"/{model}-bare-torch", f"/{model}-bare-int8"
     _wait_running([f"{model}-{s}" for s in APPS])
     print(f"# {model}: registered {version.ref}; apps running", flush=True)
-    return {k: f"http://127.0.0.1:{port}{v}" for k, v in apps.items()}
+    return {k: f"{_scheme()}://127.0.0.1:{port}{v}" for k, v in apps.items()}
+
+
+def _scheme() -> str:
+    """https on a cluster with TLS (connect() exported RAY_USE_TLS), as Serve was started."""
+    return "https" if os.environ.get("RAY_USE_TLS") == "1" else "http"
 
 
 def _wait_running(names: list[str], timeout_s: float = 300) -> None:
@@ -347,7 +356,7 @@ def main() -> None:
     from mlplatform.cluster.spec import ClusterSpec
     from mlplatform.export import cpu_features
     from mlplatform.serve import create_key
-    from serve_models import digits_data
+    from serve_models import digits_data, https_options
 
     print(f"# {datetime.now(timezone.utc).isoformat(timespec='seconds')}  {cpu_features().summary()}")
     print(f"# command: {' '.join([Path(sys.executable).name, *sys.argv])}", flush=True)
@@ -367,9 +376,10 @@ def main() -> None:
             rows.write_text(json.dumps(x[:256].tolist()))
             cluster.connect(spec.name)
             port = free_port()
-            serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
+            serve.start(http_options={"host": "127.0.0.1", "port": port, **https_options(cluster.find(spec.name))},
+                        proxy_location="HeadOnly")
             serve.run(serve.deployment(Noop).options(ray_actor_options={"num_cpus": 0}).bind(), name="noop", route_prefix="/noop")
-            noop = f"http://127.0.0.1:{port}/noop"
+            noop = f"{_scheme()}://127.0.0.1:{port}/noop"
             names = a.models.split(",")
             for m in names:  # one model's apps at a time: idle replicas are background load too
                 urls = deploy(m, MODELS[m][0], work, port)

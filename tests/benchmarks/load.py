@@ -1,6 +1,6 @@
 """Closed-loop HTTP load on a served app: completed requests, failures by kind, latency, batch sizes.
 
-    .venv/bin/python tests/benchmarks/load.py http://127.0.0.1:8000/v1/predict --key KEY [--seconds 10] [--concurrency 16]
+    .venv/bin/python tests/benchmarks/load.py https://127.0.0.1:8000/v1/predict --key KEY [--seconds 10] [--concurrency 16]
 
 `concurrency` callers each keep one request (one digits row) in flight until `seconds` pass.
 Only answered 2xx requests count as completed; every other outcome is counted by its kind
@@ -44,6 +44,8 @@ async def load(url: str, key: str, rows: list[list[float]], *, seconds: float, c
     """POST one row per request from `concurrency` callers for `seconds`."""
     import aiohttp
 
+    from mlplatform.serve._client import https_context
+
     failed: Counter[str] = Counter()
     batches: Counter[int] = Counter()
     latencies: list[float] = []
@@ -68,7 +70,10 @@ async def load(url: str, key: str, rows: list[list[float]], *, seconds: float, c
             i += concurrency
 
     timeout = aiohttp.ClientTimeout(total=30)
-    async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=concurrency)) as session:
+    # https:// is verified against the cluster's CA (RAY_TLS_CA_CERT, from `mlplatform cluster env`).
+    ssl_context = https_context() if url.startswith("https://") else None
+    connector = aiohttp.TCPConnector(limit=concurrency, ssl=ssl_context if ssl_context else True)
+    async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
         await asyncio.gather(*(caller(session, i) for i in range(concurrency)))
     return LoadResult(time.perf_counter() - start, len(latencies), dict(failed), tuple(latencies), dict(batches))
 
@@ -77,7 +82,7 @@ def main() -> None:
     from sklearn.datasets import load_digits
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("url", help="prediction URL, e.g. http://127.0.0.1:8000/v1/predict")
+    p.add_argument("url", help="prediction URL, e.g. https://127.0.0.1:8000/v1/predict")
     p.add_argument("--key", required=True, help="API key (mlplatform serve keys create APP)")
     p.add_argument("--seconds", type=float, default=10.0)
     p.add_argument("--concurrency", type=int, default=16)

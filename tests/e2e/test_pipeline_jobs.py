@@ -23,7 +23,7 @@ def submit(cluster, *args):
     return result.stdout
 
 
-def test_train_register_export_through_job_submit(three_region_cluster, restricted_tmp):
+def test_train_register_export_through_job_submit(three_region_cluster, restricted_tmp, monkeypatch):
     from mlplatform import registry
     from mlplatform.export import ExportReport
     from mlplatform.train import load_model, read_metadata
@@ -67,6 +67,9 @@ def test_train_register_export_through_job_submit(three_region_cluster, restrict
         "--config", "jobs/configs/export-digits.yaml", "--root", root,
     )
     assert "onnx_int8  DEPLOYABLE" in out, out[-3000:]
+    # The exported version is restricted: encrypted, its lineage sealed under the cluster's key, which
+    # this process holds as the cluster's client (MLPLATFORM_CLUSTER names whose key).
+    monkeypatch.setenv("MLPLATFORM_CLUSTER", three_region_cluster.name)
     exported = registry.resolve("digits@latest", root=root)
     assert exported.version == trained.version + 1
     assert exported.lineage.extra["exported_from"] == trained.ref

@@ -22,7 +22,7 @@ import requests
 import yaml
 
 from conftest import REPO, free_port
-from serve_models import register_digits
+from serve_models import https_options, register_digits
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -35,7 +35,7 @@ SERVE_SHUTDOWN = "serve shutdown -y"
 
 
 @pytest.fixture
-def checkout(tmp_path):
+def checkout(tmp_path, three_region_cluster):
     """A directory shaped like the repository for the README's commands, and the served port."""
     register_digits(tmp_path / "registry", tmp_path / "artifacts")
     root = tmp_path / "checkout"
@@ -44,6 +44,9 @@ def checkout(tmp_path):
     served = yaml.safe_load((REPO / "serve_apps/digits-cpu.yaml").read_text())
     port = free_port()
     served["http_options"]["port"] = port
+    # Ray's own `serve deploy` takes http_options from the file alone: HTTPS needs the cluster's
+    # certificate named there (`mlplatform serve deploy` fills it in by itself).
+    served["http_options"].update(https_options(three_region_cluster))
     served["applications"][0]["args"]["registry_root"] = str(tmp_path / "registry")
     (root / "serve_apps").mkdir()
     (root / "serve_apps/digits-cpu.yaml").write_text(yaml.safe_dump(served))
@@ -86,7 +89,9 @@ def test_ray_clis_as_the_readme_writes_them(three_region_cluster, checkout):
             break
         time.sleep(2)
     assert apps.get("digits-cpu", {}).get("status") == "RUNNING", apps
-    health = requests.get(f"http://127.0.0.1:{port}/healthz", timeout=10).json()
+    with pytest.raises(requests.ConnectionError):  # plain HTTP does not reach the model
+        requests.get(f"http://127.0.0.1:{port}/healthz", timeout=10)
+    health = requests.get(f"https://127.0.0.1:{port}/healthz", timeout=10).json()
     assert health["app"] == "digits-cpu" and health["model"] == "digits@1"
 
     shutdown = _shell(SERVE_SHUTDOWN, cwd)

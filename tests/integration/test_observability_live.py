@@ -76,7 +76,7 @@ def _serve_traffic(cluster, folder) -> None:
         "ingress": {"replicas": 1, "num_cpus": 0.1}, "auth": {"keys_dir": str(keys)}, "limits": {"max_rows": 16},
     }), name="observed", route_prefix="/")
     key = create_key("observed", keys_dir=keys).key
-    url = f"http://127.0.0.1:{port}/v1/predict"
+    url = f"https://127.0.0.1:{port}/v1/predict"
     x, _ = digits_data()
     with ThreadPoolExecutor(4) as pool:
         codes = list(pool.map(lambda i: requests.post(url, json={"inputs": [x[i].tolist()]}, timeout=30,

@@ -8,6 +8,7 @@ on the cpu group). Serve is shut down when the module ends.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -82,7 +83,7 @@ def served(three_region_cluster, tmp_path_factory):
         serve.run(build_app(tiny), name="tiny", route_prefix="/tiny")
         serve.run(build_app(_hybrid(root, keys)), name="hybrid", route_prefix="/hybrid")
         assert version.ref == "digits@1"
-        yield Served(f"http://127.0.0.1:{port}", root, keys, files, create_key("digits", keys_dir=keys).key,
+        yield Served(f"https://127.0.0.1:{port}", root, keys, files, create_key("digits", keys_dir=keys).key,
                      create_key("tiny", keys_dir=keys).key)
     finally:
         serve.shutdown()
@@ -108,13 +109,26 @@ def test_predictions_equal_the_registered_model(served):
     assert r.headers["X-Served-By"] == "primary/onnx_int8"
 
 
+def test_only_https_reaches_the_model(served):
+    # The session cluster runs with TLS: Serve's proxy speaks HTTPS only (certificate from the
+    # cluster's CA, verified here through REQUESTS_CA_BUNDLE); plain HTTP on its port is dropped.
+    assert served.base.startswith("https://")
+    x, _ = digits_data()
+    with pytest.raises(requests.ConnectionError):
+        requests.post(served.base.replace("https://", "http://") + "/v1/predict", json={"inputs": x[:1].tolist()},
+                      headers={"Authorization": f"Bearer {served.key}"}, timeout=10)
+
+
 def test_open_endpoints_need_no_key(served):
     schema = requests.get(served.base + "/openapi.json", timeout=10).json()
     assert "/v1/predict" in schema["paths"]
     assert requests.get(served.base + "/docs", timeout=10).status_code == 200
     health = requests.get(served.base + "/healthz", timeout=10).json()
     assert health["status"] == "ok" and health["model"] == "digits@1"
-    contract = requests.get(served.base + "/v1/contract", timeout=10).json()
+    # The contract needs a `predict` or `metrics` key (test_serve_key_lifecycle.py covers the scopes).
+    assert requests.get(served.base + "/v1/contract", timeout=10).status_code == 401
+    contract = requests.get(served.base + "/v1/contract", headers={"Authorization": f"Bearer {served.key}"},
+                            timeout=10).json()
     assert contract["row_shape"] == [64] and contract["max_rows"] == 32
 
 
@@ -204,8 +218,14 @@ def test_a_client_gone_mid_body_is_499_not_a_server_error(served, three_region_c
     from urllib.parse import urlparse
 
     before = {a["actor_id"] for a in _replicas("digits", "ingress")}
+    from mlplatform.serve import https_context
+
     url = urlparse(served.base)
-    with socket.create_connection((url.hostname, url.port), timeout=10) as s:
+    with contextlib.ExitStack() as stack:
+        s = stack.enter_context(socket.create_connection((url.hostname, url.port), timeout=10))
+        if url.scheme == "https":  # the raw request goes inside TLS, verified against the cluster's CA
+            s = stack.enter_context(https_context(str(three_region_cluster.tls().ca_cert)).wrap_socket(
+                s, server_hostname=url.hostname))
         s.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                   b"Authorization: Bearer " + served.key.encode() + b"\r\nContent-Length: 1000\r\n\r\n"
                   b'{"inputs": [[0.0,')

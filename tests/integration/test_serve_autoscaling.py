@@ -64,7 +64,7 @@ def test_load_adds_replicas_and_they_go_after(three_region_cluster, tmp_path, co
 
     def caller(i: int) -> None:
         while not stop.is_set():
-            r = requests.post(f"http://127.0.0.1:{port}/v1/predict", json={"inputs": [x[i].tolist()]}, timeout=30)
+            r = requests.post(f"https://127.0.0.1:{port}/v1/predict", json={"inputs": [x[i].tolist()]}, timeout=30)
             codes.append(r.status_code)
 
     try:

@@ -44,7 +44,7 @@ def serving(three_region_cluster, internal_root):
     work = internal_root / "canary"
     port = serve_on_free_port(three_region_cluster)
     try:
-        yield f"http://127.0.0.1:{port}", work / "registry", work / "artifacts"
+        yield f"https://127.0.0.1:{port}", work / "registry", work / "artifacts"
     finally:
         serve.shutdown()
         ray.shutdown()

@@ -15,7 +15,7 @@ import requests
 import yaml
 
 from conftest import REPO, free_port
-from serve_models import digits_data, register_digits, run_onnx
+from serve_models import digits_data, https_options, register_digits, run_onnx
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -53,6 +53,8 @@ def deployed(three_region_cluster, tmp_path_factory):
     config = yaml.safe_load((REPO / "serve_apps/digits-cpu.yaml").read_text())
     port = free_port()
     config["http_options"]["port"] = port
+    # Ray's `serve` CLI takes http_options from the file alone: name the cluster's certificate.
+    config["http_options"].update(https_options(three_region_cluster))
     args = config["applications"][0]["args"]
     args.update(registry_root=str(work / "registry"), auth={"keys_dir": str(work / "keys")})
     args["primary"]["autoscaling"] = {"preset": "latency", "max_replicas": 1}
@@ -64,7 +66,7 @@ def deployed(three_region_cluster, tmp_path_factory):
         result = _serve_cli(["deploy", str(path)], three_region_cluster)
         assert result.returncode == 0, result.stderr[-2000:]
         _wait_for("digits-cpu", {"RUNNING"})
-        yield f"http://127.0.0.1:{port}", work, config
+        yield f"https://127.0.0.1:{port}", work, config
     finally:
         serve.shutdown()
         ray.shutdown()

@@ -68,7 +68,7 @@ def _serve(cluster, spec: dict, pinned: dict[str, dict[str, str]], x: np.ndarray
     port = serve_on_free_port(cluster)
     try:
         serve.run(build_app(spec), name=spec["name"], route_prefix="/")
-        response = requests.post(f"http://127.0.0.1:{port}/v1/predict", json={"inputs": x.tolist()}, timeout=60)
+        response = requests.post(f"https://127.0.0.1:{port}/v1/predict", json={"inputs": x.tolist()}, timeout=60)
         labels = {n["NodeID"]: n.get("Labels", {}) for n in ray.nodes()}
         replicas = [a for a in list_actors(filters=[("state", "=", "ALIVE")], detail=True, limit=10_000)
                     if a.class_name.startswith(f"ServeReplica:{spec['name']}:")]

@@ -44,7 +44,7 @@ def slow_primary(three_region_cluster):
         settings, model.options(name="primary").bind(PRIMARY_DELAY_S), model.options(name="fallback").bind(0.0))
     try:
         serve.run(app, name="slow", route_prefix="/slow")
-        yield f"http://127.0.0.1:{port}/slow", serve.get_deployment_handle("primary", app_name="slow")
+        yield f"https://127.0.0.1:{port}/slow", serve.get_deployment_handle("primary", app_name="slow")
     finally:
         cloudpickle.unregister_pickle_by_value(serve_models)
         serve.shutdown()

@@ -44,7 +44,7 @@ def test_serving_metrics_reach_prometheus(prometheus, three_region_cluster, tmp_
     try:
         serve.run(build_app(spec), name="metered", route_prefix="/")
         key = create_key("metered", keys_dir=keys).key
-        base = f"http://127.0.0.1:{port}/v1/predict"
+        base = f"https://127.0.0.1:{port}/v1/predict"
         x, _ = digits_data()
 
         def one(i):

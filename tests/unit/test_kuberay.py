@@ -11,7 +11,7 @@ from conftest import REPO
 from mlplatform import config, residency
 from mlplatform.cli import main
 from mlplatform.cluster import ClusterSpec
-from mlplatform.cluster.kuberay import render_raycluster, render_rayjob
+from mlplatform.cluster.kuberay import TLS_ENV, render_raycluster, render_rayjob, render_rayservice
 from mlplatform.cluster.render import RenderOptions, render, rendered_by
 from mlplatform.errors import PlatformError
 
@@ -93,7 +93,9 @@ def test_groups_keep_their_place_labels_and_auth():
                    # every Ray process on the pod works for this cluster, under its residency policy
                    "MLPLATFORM_CLUSTER": "three-region", "MLPLATFORM_RESIDENCY_POLICY": residency.encode(policy),
                    # and every worker process there starts under the residency guard
-                   **residency.guard.node_env()}
+                   **residency.guard.node_env(),
+                   # Ray's internal mutual TLS with the pod's own certificate (test_tls_... below)
+                   **TLS_ENV}
     # Prometheus scrapes every pod's `metrics` port, which Ray exports on.
     assert pod["containers"][0]["ports"] == [{"containerPort": 8080, "name": "metrics"}]
     assert eu["rayStartParams"]["metrics-export-port"] == "8080"
@@ -180,3 +182,30 @@ def test_invalid_manifest_is_caught_by_the_schema():
     manifest["spec"]["authOptions"]["mode"] = "password"
     with pytest.raises(jsonschema.ValidationError, match="'password' is not one of"):
         crd_schema("RayCluster").validate(manifest)
+
+
+def test_tls_follows_rays_kuberay_pattern_and_keeps_the_ca_key_from_ray():
+    spec = config.load(REPO / "cluster_configs/local/three-region.yaml", ClusterSpec)
+    manifest = render_raycluster(spec)["spec"]
+    for group in [manifest["headGroupSpec"], *manifest["workerGroupSpecs"]]:
+        pod = group["template"]["spec"]
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        # The CA from the cluster's Secret; the Ray container's volume holds ca.crt only.
+        assert volumes["ray-tls-ca-signing"]["secret"]["secretName"] == "three-region-ray-tls"
+        assert volumes["ray-tls-ca"]["secret"]["items"] == [{"key": "ca.crt", "path": "ca.crt"}]
+        (init,) = pod["initContainers"]
+        assert {m["name"] for m in init["volumeMounts"]} == {"ray-tls-ca-signing", "ray-tls"}
+        assert "$POD_IP" in init["command"][-1] and "ca.key" in init["command"][-1]
+        ray = pod["containers"][0]
+        assert "ray-tls-ca-signing" not in {m["name"] for m in ray["volumeMounts"]}
+        env = {e["name"]: e.get("value") for e in ray["env"]}
+        assert {k: env[k] for k in TLS_ENV} == TLS_ENV
+
+
+def test_tls_false_renders_no_tls_and_rayservice_serves_https():
+    spec = config.load(REPO / "cluster_configs/local/dev.yaml", ClusterSpec)
+    plain = render_raycluster(spec.model_copy(update={"tls": False}))["spec"]["headGroupSpec"]["template"]["spec"]
+    assert "initContainers" not in plain and "RAY_USE_TLS" not in {e["name"] for e in plain["containers"][0]["env"]}
+    service = yaml.safe_load(render_rayservice(spec, {"applications": []}, "svc")["spec"]["serveConfigV2"])
+    assert service["http_options"]["ssl_certfile"] == TLS_ENV["RAY_TLS_SERVER_CERT"]
+    assert service["http_options"]["ssl_keyfile"] == TLS_ENV["RAY_TLS_SERVER_KEY"]

@@ -101,7 +101,7 @@ def test_an_inferred_spec_with_errors_says_which_kind_it_was_checked_as(tmp_path
     ("a: 1\nname: x\n", "from its keys (a, name: none belongs to one kind only)"),
     ("- 1\n", "holds a YAML list, not a mapping"),
     ("", "holds an empty file"),
-    ("a: [\n", "is not valid YAML"),
+    ("a: [\n", "not valid YAML"),
 ])
 def test_unknown_or_ambiguous_content_is_one_clear_error(text, says, tmp_path, capsys):
     stray = tmp_path / "x.yaml"

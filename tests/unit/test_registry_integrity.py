@@ -178,6 +178,8 @@ def test_wrong_key_is_refused_clearly(encrypted, tmp_path):
 def test_no_key_for_an_encrypted_version_is_refused(encrypted, tmp_path, monkeypatch):
     monkeypatch.delenv("MLPLATFORM_REGISTRY_KEY", raising=False)
     monkeypatch.delenv("MLPLATFORM_REGISTRY_KEY_FILE", raising=False)
+    # Nor a cluster keyring an earlier test made under the session's MLPLATFORM_HOME (the fallback).
+    monkeypatch.setenv("MLPLATFORM_HOME", str(tmp_path / "home"))
     with pytest.raises(EncryptionKeyError, match="is encrypted and no key was given.*MLPLATFORM_REGISTRY_KEY"):
         fetch("m@1", tmp_path / "out", root=encrypted)
     assert_nothing_left(tmp_path / "out")

@@ -14,7 +14,8 @@ from mlplatform.serve._keys import KeyChecker
 
 
 def check(checker: KeyChecker, presented: str | None) -> tuple[str, str | None]:
-    return asyncio.run(checker.check(presented))
+    verdict = asyncio.run(checker.check(presented))
+    return verdict.outcome, verdict.key_id
 
 
 def test_create_check_revoke(tmp_path):
@@ -28,7 +29,7 @@ def test_create_check_revoke(tmp_path):
     assert check(checker, made.key[:-1] + "x")[0] == "invalid"
     assert check(checker, "Bearer nonsense")[0] == "invalid"
     revoke_key("digits", made.record.key_id, keys_dir=tmp_path)
-    assert check(checker, made.key)[0] == "invalid"
+    assert check(checker, made.key) == ("revoked", made.record.key_id)
     assert [k.active for k in list_keys("digits", keys_dir=tmp_path)] == [False]
 
 
@@ -57,11 +58,11 @@ def test_forged_keys_naming_made_up_apps_leave_the_cache_bounded(tmp_path):
         forged = [f"mlp.app-{secrets.token_hex(8)}.{secrets.token_hex(6)}.secret" for _ in range(2000)]
         verdicts = [await checker.check(key) for key in forged]
         verdicts += [await checker.check(k) for k in (valid.key, revoked.key, other.key, valid.key[:-1] + "x")]
-        return verdicts
+        return [(v.outcome, v.key_id) for v in verdicts]
 
     verdicts = asyncio.run(flood())
     assert {v for v, _ in verdicts[:2000]} == {"invalid"}
-    assert verdicts[2000:] == [("ok", valid.record.key_id), ("invalid", None),
+    assert verdicts[2000:] == [("ok", valid.record.key_id), ("revoked", revoked.record.key_id),
                                ("forbidden", other.record.key_id), ("invalid", None)]
     assert sorted(checker._cache) == ["digits", "fraud"]  # only applications that have a key file
 
@@ -82,7 +83,7 @@ def test_key_files_are_read_off_the_event_loop(tmp_path, monkeypatch):
 
     async def checks() -> tuple[list[tuple[str, str | None]], int]:
         verdicts = [await checker.check(made.key), await checker.check("mlp.nope.0123456789ab.secret")]
-        return verdicts, threading.get_ident()
+        return [(v.outcome, v.key_id) for v in verdicts], threading.get_ident()
 
     verdicts, loop_thread = asyncio.run(checks())
     assert verdicts == [("ok", made.record.key_id), ("invalid", None)]

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from mlplatform.cluster import local
+from mlplatform.cluster import local, tls
 from mlplatform.residency import CLUSTER_ENV, guard
 
 
@@ -18,7 +18,14 @@ def cluster_env(name: str | None = None) -> dict[str, str]:
 def authenticate(name: str | None = None) -> local.LocalCluster:
     """Point this process's Ray clients (job and Serve SDKs, `ray.init`) at local cluster `name`, token included."""
     cluster = local.find(name)
-    os.environ.update(cluster.env())
+    if cluster.tls() is not None:
+        # An expired client certificate would fail deep in gRPC; say which file and how to renew.
+        tls.check(cluster.tls(), cluster.name)
+    env = cluster.env()
+    for var in tls.TLS_ENV:  # a cluster without TLS: drop another cluster's certificates from this process
+        if var not in env:
+            os.environ.pop(var, None)
+    os.environ.update(env)
     _reload_ray_auth_settings()
     return cluster
 
@@ -63,7 +70,8 @@ def _token_available() -> bool:
 def _reload_ray_auth_settings() -> None:
     # Ray reads RAY_AUTH_MODE and the token once per process and caches both; after
     # changing the environment this process must re-read them (Ray's own
-    # `_enable_token_auth` does the same).
+    # `_enable_token_auth` does the same). Config.initialize also re-reads RAY_USE_TLS for the
+    # C++ side; Python's gRPC channels read RAY_USE_TLS and the cert paths at each connection.
     from ray._raylet import AuthenticationTokenLoader, Config
 
     Config.initialize("")

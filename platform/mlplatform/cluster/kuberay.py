@@ -6,6 +6,11 @@ official CRDs). Each group's region and zone become a nodeSelector on Kubernetes
 topology labels, so pods, and the data they touch, stay where the spec puts them; the
 RAY_NODE_* variables give Ray the same standard labels the local cluster has. A RayJob
 and a RayService embed the very same RayCluster spec.
+
+TLS (spec `tls`, on by default) follows Ray's KubeRay TLS guide: the cluster's CA sits in a
+Secret (`<name>-ray-tls`, keys ca.crt and ca.key: the CA `cluster up` made, see tls_secret_command),
+and an init container in every pod signs a certificate for that pod's own IP with it; the Ray
+container sees only that certificate, its key and ca.crt, never the CA's key.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import shlex
 from typing import TYPE_CHECKING, Any
 
 from mlplatform import residency
+from mlplatform.cluster import tls
 from mlplatform.cluster.autoscaler import bounds
 from mlplatform.cluster.local import _LABEL_ENV
 from mlplatform.cluster.spec import ClusterSpec, NodeGroup
@@ -45,6 +51,29 @@ _CONSERVATIVE_SPEED = 1.0
 def token_secret_name(spec: ClusterSpec) -> str:
     """The default Secret holding the cluster's auth token (data key `auth_token`)."""
     return f"{spec.name}-ray-token"
+
+
+def tls_secret_name(spec: ClusterSpec) -> str:
+    """The Secret holding the cluster's CA (data keys `ca.crt`, `ca.key`)."""
+    return f"{spec.name}-ray-tls"
+
+
+def tls_secret_command(spec: ClusterSpec, tls_dir: str) -> str:
+    """The kubectl line that puts the CA `cluster up` made (in `tls_dir`) into the cluster's TLS Secret."""
+    return (f"kubectl create secret generic {tls_secret_name(spec)} --from-file=ca.crt={tls_dir}/ca.crt "
+            f"--from-file=ca.key={tls_dir}/ca.key")
+
+
+# Where pods keep TLS files: the CA certificate (from the Secret) and the pod's own pair (emptyDir).
+_CA_DIR, _POD_TLS_DIR = "/etc/ray/ca", "/etc/ray/tls"
+# The init container's job: a key and a certificate for this pod's IP, signed by the cluster's CA.
+_GENCERT = tls.sign_script("/etc/ray/ca-signing", _POD_TLS_DIR)
+TLS_ENV = {
+    "RAY_USE_TLS": "1",
+    "RAY_TLS_SERVER_CERT": f"{_POD_TLS_DIR}/tls.crt",
+    "RAY_TLS_SERVER_KEY": f"{_POD_TLS_DIR}/tls.key",
+    "RAY_TLS_CA_CERT": f"{_CA_DIR}/ca.crt",
+}
 
 
 def render_raycluster(
@@ -80,6 +109,9 @@ def render_raycluster(
         "template": _pod(spec.head, image, "ray-head", env, _HEAD_PORTS),
     }
     body["workerGroupSpecs"] = [_worker_group(group, image, env) for group in spec.worker_groups]
+    if spec.tls:
+        for group in [body["headGroupSpec"], *body["workerGroupSpecs"]]:
+            _add_tls(group["template"], image, tls_secret_name(spec))
     return {
         "apiVersion": "ray.io/v1",
         "kind": "RayCluster",
@@ -132,6 +164,9 @@ def render_rayservice(
     """
     config = dict(serve_config)
     config["http_options"] = {**config.get("http_options", {}), "host": "0.0.0.0"}
+    if spec.tls:
+        # HTTPS with the head pod's own certificate (the proxy runs there: HeadOnly).
+        config["http_options"].update(ssl_certfile=TLS_ENV["RAY_TLS_SERVER_CERT"], ssl_keyfile=TLS_ENV["RAY_TLS_SERVER_KEY"])
     return {
         "apiVersion": "ray.io/v1",
         "kind": "RayService",
@@ -141,6 +176,29 @@ def render_rayservice(
             "rayClusterConfig": render_raycluster(spec, image, policy, token_secret)["spec"],
         },
     }
+
+
+def _add_tls(template: dict[str, Any], image: str, secret: str) -> None:
+    """Ray's internal mutual TLS for one pod template: an init container signs the pod's certificate."""
+    pod = template["spec"]
+    pod["volumes"] = [
+        # The CA key only for the init container; the Ray container mounts ca.crt alone.
+        {"name": "ray-tls-ca-signing", "secret": {"secretName": secret, "defaultMode": 0o400}},
+        {"name": "ray-tls-ca", "secret": {"secretName": secret, "items": [{"key": "ca.crt", "path": "ca.crt"}]}},
+        {"name": "ray-tls", "emptyDir": {"medium": "Memory"}},
+    ]
+    pod["initContainers"] = [{
+        "name": "ray-tls",
+        "image": image,
+        "command": ["/bin/sh", "-c", _GENCERT],
+        "env": [{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}],
+        "volumeMounts": [{"name": "ray-tls-ca-signing", "mountPath": "/etc/ray/ca-signing", "readOnly": True},
+                         {"name": "ray-tls", "mountPath": _POD_TLS_DIR}],
+    }]
+    container = pod["containers"][0]
+    container["env"] = container["env"] + [{"name": k, "value": v} for k, v in TLS_ENV.items()]
+    container["volumeMounts"] = [{"name": "ray-tls-ca", "mountPath": _CA_DIR, "readOnly": True},
+                                 {"name": "ray-tls", "mountPath": _POD_TLS_DIR, "readOnly": True}]
 
 
 def job_name(spec: ClusterSpec, entrypoint: str) -> str:

@@ -8,7 +8,9 @@ config drives one provider region, so the spec's groups must share the head's re
 
 Every node starts with token auth (the token file travels with `file_mounts`), the
 cluster's residency policy and the residency guard in its environment, and Ray's metrics
-on port 8080 for Prometheus.
+on port 8080 for Prometheus. With TLS (the spec's default) the cluster's CA travels with
+`file_mounts` too and each VM signs its own certificate for its address at setup
+(tls.sign_script), then starts with Ray's mutual TLS.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import shlex
 from typing import TYPE_CHECKING, Any
 
 from mlplatform import residency
+from mlplatform.cluster import tls
 from mlplatform.cluster.autoscaler import bounds, settings
 from mlplatform.cluster.spec import ClusterSpec, Market, NodeGroup
 from mlplatform.errors import SpecError
@@ -32,6 +35,8 @@ DEFAULT_IMAGE_ID = "resolve:ssm:/aws/service/deeplearning/ami/x86_64/base-oss-nv
 # Where each node finds the token and the platform's source (both copied by `ray up`).
 _REMOTE_TOKEN = "~/mlplatform/auth_token"
 _REMOTE_SRC = "~/mlplatform/src"
+_REMOTE_CA = "~/mlplatform/ca"  # ca.crt and ca.key, for each VM to sign its own certificate
+_REMOTE_TLS = "~/mlplatform/tls"
 _GCS_PORT = 6379
 _METRICS_PORT = 8080
 _GIB = 2**30
@@ -42,9 +47,14 @@ def default_token_file(spec: ClusterSpec) -> str:
     return f"~/.mlplatform/tokens/{spec.name}"
 
 
+def default_tls_dir(spec: ClusterSpec) -> str:
+    """Where `ray up` reads the cluster's CA by default: what `mlplatform cluster up` made for it."""
+    return f"~/.mlplatform/clusters/{spec.name}/tls"
+
+
 def render_launcher(
     spec: ClusterSpec, policy: ResidencyPolicy | None = None, image_id: str = DEFAULT_IMAGE_ID,
-    token_file: str | None = None,
+    token_file: str | None = None, tls_dir: str | None = None,
 ) -> dict[str, Any]:
     """The `ray up` config of `spec` on AWS, valid against Ray's ray-schema.json.
 
@@ -60,6 +70,19 @@ def render_launcher(
         env.update(guard.node_env())
     # The token path unquoted, so that the shell expands its `~`.
     exports = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items()) + f" RAY_AUTH_TOKEN_PATH={_REMOTE_TOKEN}"
+    file_mounts = {_REMOTE_TOKEN: token_file or default_token_file(spec), _REMOTE_SRC: "."}
+    setup = ["chmod 600 " + _REMOTE_TOKEN]
+    if spec.tls:
+        source = tls_dir or default_tls_dir(spec)
+        file_mounts.update({f"{_REMOTE_CA}/{f}": f"{source}/{f}" for f in ("ca.crt", "ca.key")})  # not the local nodes' keys
+        # The VM's own key and certificate for its private address (setup commands run on every VM).
+        setup += [
+            f"mkdir -p {_REMOTE_TLS} && chmod 700 {_REMOTE_TLS} && "
+            + tls.sign_script(_REMOTE_CA, _REMOTE_TLS, ip="\"$(hostname -I | cut -d' ' -f1)\""),
+            f"cp {_REMOTE_CA}/ca.crt {_REMOTE_TLS}/ca.crt && chmod 600 {_REMOTE_CA}/ca.key",
+        ]
+        exports += (f" RAY_USE_TLS=1 RAY_TLS_SERVER_CERT={_REMOTE_TLS}/tls.crt RAY_TLS_SERVER_KEY={_REMOTE_TLS}/tls.key"
+                    f" RAY_TLS_CA_CERT={_REMOTE_TLS}/ca.crt")
     common = f"--metrics-export-port={_METRICS_PORT} --disable-usage-stats"
     return {
         **settings(spec),
@@ -76,10 +99,10 @@ def render_launcher(
             **{g.name: _node_type(g, image_id, *bounds(g)) for g in spec.worker_groups},
         },
         "head_node_type": spec.head.name,
-        "file_mounts": {_REMOTE_TOKEN: token_file or default_token_file(spec), _REMOTE_SRC: "."},
+        "file_mounts": file_mounts,
         "rsync_exclude": [".git", ".venv", "**/__pycache__"],
         "setup_commands": [
-            "chmod 600 " + _REMOTE_TOKEN,
+            *setup,
             f"pip install -q 'ray[default]=={RAY_VERSION}' -e {_REMOTE_SRC}",
         ],
         "head_start_ray_commands": [

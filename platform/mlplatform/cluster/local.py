@@ -14,6 +14,11 @@ worker nodes, as processes in the head's process group, so stopping the head sto
 
 Token authentication is always on: `up` writes a fresh token (mode 0600) beside the
 state and starts every node with RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH.
+
+TLS is on unless the spec says `tls: false`: `up` keeps a CA per cluster and a certificate per
+node in <cluster dir>/tls (tls.py) and starts every node with Ray's mutual TLS; `env()` hands
+clients the client certificate. Autoscaled nodes inherit the head's environment, so they run on
+the head's certificate, valid for this machine's addresses.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import sys
 import tempfile
 import urllib.error
 import urllib.request
+import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -43,7 +49,7 @@ from mlplatform import residency
 from mlplatform.residency import guard
 from mlplatform.cost import catalog as price_catalog
 from mlplatform._internal import storage
-from mlplatform.cluster import autoscaler
+from mlplatform.cluster import autoscaler, tls
 from mlplatform.cluster.spec import (
     GROUP_LABEL,
     MARKET_LABEL,
@@ -78,6 +84,7 @@ _FOREIGN_ENV = (
     "RAY_AUTH_TOKEN",
     "RAY_AUTH_TOKEN_PATH",
     "RAY_AUTH_MODE",
+    *tls.TLS_ENV,
 )
 
 
@@ -125,21 +132,32 @@ class LocalCluster:
     nodes: tuple[NodeProcess, ...] = field(default_factory=tuple)
     # True when Ray's autoscaler launches the worker nodes (they are not in `nodes`).
     autoscaled: bool = False
+    # The cluster's TLS material (tls.py); empty when the spec says `tls: false`.
+    tls_dir: str = ""
 
     def env(self) -> dict[str, str]:
         """Variables that point Ray's CLIs and `ray.init()` at this cluster.
 
         Each CLI reads its own: `ray status` and `ray.init()` RAY_ADDRESS (the GCS), `ray job`
         RAY_API_SERVER_ADDRESS, `serve deploy/status/shutdown` RAY_DASHBOARD_ADDRESS (both
-        the dashboard, which Ray would otherwise look for on port 8265).
+        the dashboard, which Ray would otherwise look for on port 8265). With TLS on, also the
+        client certificate, its key and the cluster CA (RAY_USE_TLS...): Ray refuses a process
+        without them; RAY_TLS_CA_CERT is also what `curl --cacert` verifies Serve's HTTPS with.
         """
-        return {
+        env = {
             "RAY_ADDRESS": self.gcs_address,
             "RAY_API_SERVER_ADDRESS": self.dashboard_url,
             "RAY_DASHBOARD_ADDRESS": self.dashboard_url,
             "RAY_AUTH_MODE": "token",
             "RAY_AUTH_TOKEN_PATH": self.token_path,
         }
+        if self.tls_dir:
+            env.update(tls.Material(Path(self.tls_dir)).client_env())
+        return env
+
+    def tls(self) -> "tls.Material | None":
+        """The cluster's TLS files, or None when it runs without TLS."""
+        return tls.Material(Path(self.tls_dir)) if self.tls_dir else None
 
     def token(self) -> str:
         """The cluster's authentication token (for the dashboard's login prompt)."""
@@ -167,6 +185,14 @@ def _up(spec: ClusterSpec, config: str, timeout_s: float) -> LocalCluster:
     prices = price_catalog.for_cluster_spec(spec, config or None)  # nor does a catalog missing a group
 
     (cdir / "logs").mkdir(parents=True, exist_ok=True)
+    material = None
+    if spec.tls:
+        # Before anything starts: an expiring certificate stops `up` here, naming the file.
+        node_names = ["head"] + ([] if spec.autoscaled() else
+                                 [f"{g.name}-{i}" for g in spec.worker_groups for i in range(g.count)])
+        material = tls.ensure(cdir / "tls", spec.name, node_names, ip=_node_ip())
+    else:
+        warnings.warn(tls_off_warning(spec.name, config), stacklevel=2)
     token_path = cdir / "auth_token"
     storage.write_private(token_path, secrets.token_hex(32))
     # Unix socket paths must stay short (~107 bytes), so Ray's temp dir is not under home().
@@ -195,6 +221,7 @@ def _up(spec: ClusterSpec, config: str, timeout_s: float) -> LocalCluster:
         token_path=str(token_path),
         temp_dir=str(temp_dir),
         autoscaled=spec.autoscaled(),
+        tls_dir=str(material.dir) if material else "",
     )
     head_flags, head_env = _head_flags(spec, temp_dir / "head"), env
     if spec.autoscaled():
@@ -207,7 +234,7 @@ def _up(spec: ClusterSpec, config: str, timeout_s: float) -> LocalCluster:
     try:
         # Each node gets its own temp dir: a node's log monitor streams every log under
         # its temp dir to the drivers, so a shared one prints each line once per node.
-        head = _spawn(spec.head, "head", head_flags, head_env, cdir)
+        head = _spawn(spec.head, "head", head_flags, head_env, cdir, material)
         cluster = _add_node(cluster, head)
         _wait_ready([head], timeout_s)
         ip = (temp_dir / "head" / "ray_current_cluster").read_text().strip().rsplit(":", 1)[0]
@@ -225,7 +252,7 @@ def _up(spec: ClusterSpec, config: str, timeout_s: float) -> LocalCluster:
             for i in range(group.count):
                 node_name = f"{group.name}-{i}"
                 flags = [f"--address={cluster.gcs_address}", f"--temp-dir={temp_dir / node_name}"]
-                node = _spawn(group, node_name, flags, env, cdir)
+                node = _spawn(group, node_name, flags, env, cdir, material)
                 cluster = _add_node(cluster, node)
                 _wait_ready([node], timeout_s)
         _wait_http(cluster.dashboard_url, timeout_s, head)
@@ -266,6 +293,14 @@ def _publish_catalog(cluster: LocalCluster, catalog, env: Mapping[str, str]) -> 
         raise NodeStartError(f"Could not store the price catalog in the cluster's GCS: {_tail(done.stderr)}")
 
 
+def tls_off_warning(name: str, config: str = "") -> str:
+    """What `validate` and `up` say about a spec with `tls: false`."""
+    where = config or "its spec"
+    return (f"Cluster '{name}' runs WITHOUT TLS (`tls: false` in {where}): Ray's internal traffic and Serve's "
+            "HTTP are plaintext and any process that can reach its ports and holds the token is let in. "
+            "Remove `tls: false` to encrypt and authenticate them.")
+
+
 def _add_node(cluster: LocalCluster, node: NodeProcess) -> LocalCluster:
     """`cluster` with `node` added, recorded at once: were `up` killed now, `down` still stops it."""
     cluster = replace(cluster, nodes=(*cluster.nodes, node))
@@ -298,6 +333,17 @@ def down(name: str | None = None) -> LocalCluster:
         state.unlink(missing_ok=True)
         Path(cluster.token_path).unlink(missing_ok=True)
     return cluster
+
+
+def renew_certs(name: str) -> tuple[list[Path], bool]:
+    """New node and client certificates for cluster `name` from its CA; returns them and whether it runs.
+
+    Raises:
+        CertificateError: the cluster has no CA (never started with TLS), or its CA is expiring.
+    """
+    with _exclusive(name):
+        renewed = tls.renew(_cluster_dir(name) / "tls", name, ip=_node_ip())
+    return renewed, any(c.name == name for c in running())
 
 
 def set_bounds(name: str | None, group: str, *, min_workers: int | None = None, max_workers: int | None = None) -> tuple[int, int]:
@@ -423,10 +469,13 @@ def _node_command(group: NodeGroup, node_name: str, flags: list[str]) -> list[st
     return cmd
 
 
-def _spawn(group: NodeGroup, node_name: str, flags: list[str], env: Mapping[str, str], cdir: Path) -> NodeProcess:
+def _spawn(group: NodeGroup, node_name: str, flags: list[str], env: Mapping[str, str], cdir: Path,
+           material: "tls.Material | None" = None) -> NodeProcess:
     import psutil
 
     node_env = dict(env)
+    if material is not None:
+        node_env.update(material.node_env(node_name))
     for label, var in _LABEL_ENV.items():
         node_env[var] = group.node_labels()[label]
     log = cdir / "logs" / f"{node_name}.log"

@@ -195,6 +195,11 @@ class ClusterSpec(Spec):
         default_factory=AutoscalerSettings,
         description="Autoscaler behaviour; applies when some worker group declares `autoscaling:`.",
     )
+    tls: bool = Field(
+        True,
+        description="Ray's internal mutual TLS and HTTPS for Serve, from a CA of the cluster's own. `false` only "
+        "with a reason: traffic is then plaintext (validate and up warn).",
+    )
 
     @field_validator("name")
     @classmethod

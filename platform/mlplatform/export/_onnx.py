@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mlplatform._internal import storage
+from mlplatform._internal import onnx_files, storage
 from mlplatform.errors import ExportError, OnnxModelError
 
 from mlplatform.export._data import Signature
@@ -146,6 +146,10 @@ def _load(path: Path, options):
 
     if not path.is_file():
         raise OnnxModelError(f"{path}: no such ONNX file; re-run the export that should have written it.")
+    try:
+        onnx_files.check_external_data(path)
+    except ValueError as e:
+        raise OnnxModelError(str(e)) from None
     try:
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as e:  # ORT raises its own pybind types (InvalidProtobuf, Fail, ...)

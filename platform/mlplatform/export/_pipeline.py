@@ -72,11 +72,12 @@ def export_model(
         OnnxModelError, ExportError (export itself); ResidencyError (classification lowered or
         unknown, registry root outside its storage prefixes). Nothing is registered on any of them.
     """
-    from mlplatform import registry, residency
+    from mlplatform import access, registry, residency
     from mlplatform.errors import ResidencyError
 
     spec = spec or ExportSpec()
     parent = registry.resolve(ref, root=root)
+    access.require("registry.export", f"registry:{spec.name or parent.name}")
     policy = residency.current()
     try:
         # Made from the source's data, the export keeps its classification or a higher one.

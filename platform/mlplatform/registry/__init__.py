@@ -14,7 +14,7 @@ metadata store is imported once with migrate(root) (`mlplatform registry migrate
 """
 
 from mlplatform.registry._aliases import alias_history, list_aliases, promote, rollback, set_alias
-from mlplatform.registry._integrity import fetch, verify
+from mlplatform.registry._integrity import fetch, read_verified, verify
 from mlplatform.registry._migrate import Migrated, migrate
 from mlplatform.registry._keys import (
     KeyProvider,
@@ -35,6 +35,7 @@ from mlplatform.registry._records import (
     VersionDiff,
 )
 from mlplatform.registry._register import check_writable, register
+from mlplatform.registry._rewrap import rewrap
 from mlplatform.registry._store import ROOT_ENV
 
 __all__ = [
@@ -62,8 +63,10 @@ __all__ = [
     "list_versions",
     "migrate",
     "promote",
+    "read_verified",
     "register",
     "resolve",
+    "rewrap",
     "rollback",
     "set_alias",
     "show",

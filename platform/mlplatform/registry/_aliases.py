@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 
-from mlplatform import residency
+from mlplatform import access, residency
 from mlplatform.errors import AliasNotFound, InvalidName
 
 from mlplatform.registry import _lineage
@@ -34,6 +34,7 @@ def set_alias(
     """Point `alias` of model `name` at `version` (a number, another alias or 'latest')."""
     check_name(name)
     check_alias(alias)
+    access.require("registry.alias.set", f"registry:{name}")
     selector = parse_selector(version)
 
     def change(index: Index) -> AliasMove:
@@ -55,6 +56,7 @@ def promote(
     check_name(name)
     check_alias(from_alias, "from_alias")
     check_alias(to_alias, "to_alias")
+    access.require("registry.alias.promote", f"registry:{name}")
     if from_alias == to_alias:
         raise InvalidName(
             f"Got {from_alias!r} for both `from_alias` and `to_alias`; promote copies one "
@@ -79,6 +81,7 @@ def rollback(
     """Move `alias` back to the version it pointed at before its latest set or promote."""
     check_name(name)
     check_alias(alias)
+    access.require("registry.alias.rollback", f"registry:{name}")
 
     def change(index: Index) -> AliasMove:
         select(index, alias, "alias")  # a clear AliasNotFound if it was never set

@@ -10,37 +10,11 @@ from __future__ import annotations
 
 import os
 import struct
-from collections.abc import Iterator
-from typing import BinaryIO
 
 ALGORITHM = "AES-256-GCM"
 CHUNK_BYTES = 8 * 1024 * 1024
 NONCE_BYTES = 12
 TAG_BYTES = 16
-
-
-def read_exact(stream: BinaryIO, n: int) -> bytes:
-    """Read up to `n` bytes, short only at end of stream (some streams return less)."""
-    parts, got = [], 0
-    while got < n:
-        part = stream.read(n - got)
-        if not part:
-            break
-        parts.append(part)
-        got += len(part)
-    return b"".join(parts)
-
-
-def chunks(stream: BinaryIO, size: int) -> Iterator[tuple[int, bytes, bool]]:
-    """Yield (index, data, is_last); an empty stream yields one empty last chunk."""
-    current = read_exact(stream, size)
-    index = 0
-    while True:
-        following = read_exact(stream, size) if len(current) == size else b""
-        yield index, current, not following
-        if not following:
-            return
-        current, index = following, index + 1
 
 
 def _aad(relpath: str, index: int, is_last: bool) -> bytes:

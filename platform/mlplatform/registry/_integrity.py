@@ -16,7 +16,8 @@ from typing import BinaryIO
 from mlplatform._internal import storage
 from mlplatform.errors import EncryptionKeyError, IntegrityError, RegistryError
 
-from mlplatform.registry._crypto import CHUNK_BYTES, NONCE_BYTES, TAG_BYTES, chunks, decrypt_chunk
+from mlplatform._internal.envelope import chunks
+from mlplatform.registry._crypto import CHUNK_BYTES, NONCE_BYTES, TAG_BYTES, decrypt_chunk
 from mlplatform.registry._index import load_version, read_index, select
 from mlplatform.registry._keys import KEY_ENV, KEY_FILE_ENV, KeyProvider, as_provider, default_key
 from mlplatform.registry._names import parse_ref
@@ -108,6 +109,43 @@ def fetch(
         shutil.rmtree(partial, ignore_errors=True)
         raise
     return version
+
+
+def read_verified(
+    ref: str,
+    *,
+    root: str | os.PathLike[str] | None = None,
+    key: KeyProvider | bytes | str | None = None,
+) -> tuple[Version, dict[str, bytes]]:
+    """A version's files in memory, every hash verified and decrypted: plaintext never touches disk.
+
+    For serving restricted (encrypted) versions. Keys as in fetch(); same errors as fetch().
+    """
+    import io
+
+    store, version = _locate(ref, root)
+    for entry in version.files:
+        _check_relpath(version, entry.path)
+    problems = _listing_problems(store, version)
+    data_key = None
+    if not problems and version.encrypted:
+        provider = as_provider(key, "key") or default_key()
+        if provider is None:
+            raise EncryptionKeyError(
+                f"Model {version.name!r} version {version.version} is encrypted and no key was "
+                f"given. Pass `key`, or set {KEY_ENV} (base64 or hex of the 32-byte key) or {KEY_FILE_ENV}."
+            )
+        data_key = _data_key(version, provider)
+    files: dict[str, bytes] = {}
+    for entry in version.files if not problems else ():
+        sink = io.BytesIO()
+        problem = _check_file(store, version, entry, data_key, sink)
+        if problem:
+            problems.append(problem)
+        files[entry.path] = sink.getvalue()
+    if problems:
+        raise IntegrityError(_refusal(version, problems, Path("(memory)")))
+    return version, files
 
 
 def _locate(ref: str, root: str | os.PathLike[str] | None) -> tuple[Store, Version]:

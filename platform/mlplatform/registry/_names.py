@@ -21,7 +21,7 @@ Selector = int | str | None  # version number, alias, or None for the latest ver
 
 def check_name(name: object, field: str = "name") -> str:
     """Return `name` if it is a valid model name, else raise InvalidName naming `field`."""
-    if not isinstance(name, str) or not NAME_PATTERN.match(name) or ".." in name:
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name) or ".." in name:
         raise InvalidName(
             f"Got {name!r} for `{field}`; must be 1-64 characters of lowercase letters, digits, "
             f"'.', '_' or '-', starting with a letter or digit, with no '/' or '..' "
@@ -32,7 +32,7 @@ def check_name(name: object, field: str = "name") -> str:
 
 def check_alias(alias: object, field: str = "alias") -> str:
     """Return `alias` if it is a valid alias, else raise InvalidName naming `field`."""
-    if not isinstance(alias, str) or not ALIAS_PATTERN.match(alias) or ".." in alias:
+    if not isinstance(alias, str) or not ALIAS_PATTERN.fullmatch(alias) or ".." in alias:
         raise InvalidName(
             f"Got {alias!r} for `{field}`; must be 1-64 characters of lowercase letters, digits, "
             f"'.', '_' or '-', starting with a letter, with no '/' or '..' "
@@ -52,12 +52,13 @@ def parse_selector(selector: object, field: str = "version") -> Selector:
         return None
     if isinstance(selector, bool):  # bool is an int subclass; True is not version 1
         selector = repr(selector)
-    if isinstance(selector, int) or (isinstance(selector, str) and selector.isdigit()):
+    # ASCII digits only: "²".isdigit() is true but int() rejects it, and "٣" would silently mean 3.
+    if isinstance(selector, int) or (isinstance(selector, str) and selector.isascii() and selector.isdigit()):
         number = int(selector)
         if number < 1:
             raise InvalidName(f"Got {selector!r} for `{field}`; version numbers start at 1.")
         return number
-    if isinstance(selector, str) and ALIAS_PATTERN.match(selector) and ".." not in selector:
+    if isinstance(selector, str) and ALIAS_PATTERN.fullmatch(selector) and ".." not in selector:
         return selector
     raise InvalidName(
         f"Got {selector!r} for `{field}`; must be a version number (e.g. 3), an alias "

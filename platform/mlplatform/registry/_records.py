@@ -6,6 +6,7 @@ encryption header; index.json holds version summaries, aliases and alias history
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -133,26 +134,79 @@ class VersionDiff:
     files_changed: tuple[str, ...]
 
 
-def manifest_to_json(version: Version) -> dict[str, Any]:
+# An encrypted version's lineage is sealed too (spec, metrics, data fingerprint, signature, sources):
+# it describes restricted data. Only what residency enforcement and audits must read without the
+# key stays in the clear: the classification and where the version was trained and stored.
+SEALED_LINEAGE = ("spec", "metrics", "dataset_fingerprint", "job_id", "model_ref", "input_signature",
+                  "source_uri", "extra")
+SEALED_KEY = "sealed"
+
+
+def manifest_to_json(version: Version, data_key: bytes | None = None) -> dict[str, Any]:
+    """The manifest; with `data_key` (an encrypted version's), its lineage details are sealed under it."""
     data = asdict(version)
     data.pop("uri")
     data["files"] = [asdict(f) for f in version.files]
+    if data_key is not None:
+        lineage = data["lineage"]
+        secret = json.dumps({k: lineage.pop(k) for k in SEALED_LINEAGE}, sort_keys=True).encode()
+        lineage[SEALED_KEY] = _seal(data_key, version.name, secret)
     return {"format": MANIFEST_FORMAT, **data}
 
 
 def manifest_from_json(data: dict[str, Any], uri: str) -> Version:
+    """The version a manifest describes; sealed lineage is opened with the registry's default key.
+
+    Without that key the sealed fields read as their empty defaults (a reader without the key sees
+    that the version exists, its files' hashes and its classification, not its lineage).
+    """
     lineage_keys = {f.name for f in fields(Lineage)}
     enc = data.get("encryption")
+    lineage = dict(data["lineage"])
+    if SEALED_KEY in lineage and enc:
+        lineage.update(_open_sealed(data["name"], Encryption(**enc), lineage.pop(SEALED_KEY)))
     return Version(
         name=data["name"],
         version=int(data["version"]),
         registered_at=data["registered_at"],
         registered_by=data["registered_by"],
         files=tuple(FileEntry(**f) for f in data["files"]),
-        lineage=Lineage(**{k: v for k, v in data["lineage"].items() if k in lineage_keys}),
+        lineage=Lineage(**{k: v for k, v in lineage.items() if k in lineage_keys}),
         encryption=Encryption(**enc) if enc else None,
         uri=uri,
     )
+
+
+def _aad(name: str) -> bytes:
+    return b"mlplatform-registry-lineage/v1\0" + name.encode()
+
+
+def _seal(data_key: bytes, name: str, plain: bytes) -> str:
+    import base64
+    import os
+
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    nonce = os.urandom(12)
+    return base64.b64encode(nonce + AESGCM(data_key).encrypt(nonce, plain, _aad(name))).decode()
+
+
+def _open_sealed(name: str, enc: Encryption, sealed: str) -> dict[str, Any]:
+    import base64
+
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    from mlplatform.registry._keys import default_key
+
+    provider = default_key()
+    if provider is None:
+        return {}
+    try:
+        data_key = provider.unwrap(base64.b64decode(enc.wrapped_key), name.encode())
+        raw = base64.b64decode(sealed)
+        return json.loads(AESGCM(data_key).decrypt(raw[:12], raw[12:], _aad(name)))
+    except Exception:  # not this key (another cluster's): the lineage stays sealed, as without a key
+        return {}
 
 
 def move_to_json(move: AliasMove) -> dict[str, Any]:

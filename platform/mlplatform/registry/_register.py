@@ -15,12 +15,13 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from mlplatform import residency
-from mlplatform._internal import storage
+from mlplatform import access, residency
+from mlplatform._internal import keyring, storage
 from mlplatform.errors import ArtifactError, EncryptionKeyError, ModelNotFound, RegistryError, ResidencyError
 
 from mlplatform.registry import _lineage
-from mlplatform.registry._crypto import ALGORITHM, CHUNK_BYTES, chunks, encrypt_chunk
+from mlplatform._internal.envelope import chunks
+from mlplatform.registry._crypto import ALGORITHM, CHUNK_BYTES, encrypt_chunk
 from mlplatform.registry._index import Index, database, read_index, refuse_unmigrated, update_index, version_numbers
 from mlplatform.registry._keys import KeyProvider, as_provider
 from mlplatform.registry._names import check_name
@@ -71,6 +72,7 @@ def register(
         ResidencyError (classification lowered or unknown, `root` outside its storage prefixes).
     """
     check_name(name)
+    access.require("registry.register", f"registry:{name}")
     provider = as_provider(encrypt_key, "encrypt_key")
     store = Store(root)
     src_fs, src_dir, src_uri, listing = _open_artifact(artifact_dir)
@@ -83,10 +85,15 @@ def register(
     policy = residency.current()
     try:
         lineage_ = _lineage.build(metadata, lineage, src_uri, store.fs, policy)
+        restricted = keyring.restricted(policy, lineage_.classification)
+        if provider is None and restricted:
+            # Restricted data is encrypted at rest whatever the caller passed: with the cluster's key.
+            provider = keyring.cluster_keyring()
         with residency.confined(policy, lineage_.classification):
             # Before the writability probe and the embedded database: both write under `root`.
             storage.check_write(store.display, "root")
-            version = _register(store, name, listing, src_fs, src_dir, src_uri, lineage_, provider, actor)
+            version = _register(store, name, listing, src_fs, src_dir, src_uri, lineage_, provider, actor,
+                                seal_lineage=restricted)
     except ResidencyError as e:
         residency.record("denial", what="register", model=name, source=src_uri, reason=str(e))
         raise
@@ -100,7 +107,8 @@ def register(
 
 
 def _register(store: Store, name: str, listing: dict[str, int], src_fs: Any, src_dir: str, src_uri: str,
-              lineage_: Lineage, provider: KeyProvider | None, actor: str | None) -> Version:
+              lineage_: Lineage, provider: KeyProvider | None, actor: str | None,
+              seal_lineage: bool = False) -> Version:
     """The copy and the index transaction of register(), under the caller's confinement."""
     data_key, encryption = None, None
     if provider is not None:
@@ -146,7 +154,7 @@ def _register(store: Store, name: str, listing: dict[str, int], src_fs: Any, src
                 encryption=encryption,
                 uri=store.uri(store.files_dir(name, number)),
             )
-            manifest = json.dumps(manifest_to_json(version), indent=1).encode()
+            manifest = json.dumps(manifest_to_json(version, data_key if seal_lineage else None), indent=1).encode()
             with store.open_output(f"{staging}/manifest.json") as f:
                 f.write(manifest)
             store.move(staging, store.version_dir(name, number))
@@ -198,6 +206,8 @@ def _open_artifact(artifact_dir: str | os.PathLike[str]) -> tuple[Any, str, str,
             f"Got {text!r} for `artifact_dir`; it is a file, not a directory. Pass the "
             f"directory that contains it."
         )
+    if isinstance(fs, pafs.LocalFileSystem):
+        _refuse_escaping_links(path, text)
     infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
     base = path.rstrip("/") + "/"
     listing = {i.path[len(base):]: i.size for i in infos if i.type == pafs.FileType.File}
@@ -207,6 +217,28 @@ def _open_artifact(artifact_dir: str | os.PathLike[str]) -> tuple[Any, str, str,
             f"finished and wrote its artifact there."
         )
     return fs, path, text, listing
+
+
+def _refuse_escaping_links(path: str, text: str) -> None:
+    """Refuse a symbolic link in the artifact that leads outside it (say, to ~/.ssh or /etc).
+
+    Registration follows links, so such a link would copy (and publish) a file that is no part of
+    the artifact. Links that stay inside the directory are harmless and allowed.
+    """
+    top = os.path.realpath(path)
+    for here, dirs, files in os.walk(path, followlinks=False):
+        for entry in dirs + files:
+            full = os.path.join(here, entry)
+            if not os.path.islink(full):
+                continue
+            target = os.path.realpath(full)
+            if os.path.commonpath([top, target]) != top:
+                rel = os.path.relpath(full, path)
+                raise ArtifactError(
+                    f"{rel!r} in `artifact_dir` {text} is a symbolic link to {target}, outside the artifact; "
+                    f"registering it would copy that file into the registry. Replace the link with the file "
+                    f"itself (cp -L) or remove it. Nothing was written."
+                )
 
 
 def _read_source(fs: Any, path: str, src_uri: str) -> bytes:

@@ -92,9 +92,11 @@ def apply(policy: ResidencyPolicy) -> ResidencyPolicy:
     import ray
     from ray.experimental import internal_kv
 
+    from mlplatform import access
     from mlplatform.cluster.inventory import from_ray_nodes
     from mlplatform.residency import guard
 
+    access.require("residency.policy.apply")
     old = current()
     if old is None:
         raise ResidencyError(

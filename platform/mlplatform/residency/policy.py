@@ -37,6 +37,11 @@ class ClassificationRule(Spec):
         default_factory=list,
         description="Path or URI prefixes this data may be written under (e.g. /data/uae/, s3://uae-bucket/); empty: anywhere.",
     )
+    encrypt_at_rest: bool = Field(
+        False,
+        description="Restricted data: its checkpoints, exported models, drift samples and registry versions are "
+        "encrypted with the cluster's key (envelope encryption).",
+    )
 
     @field_validator("regions")
     @classmethod

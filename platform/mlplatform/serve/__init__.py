@@ -9,13 +9,15 @@
     key = create_key("digits").key        # plaintext shown once; stored hashed
 
 Prediction: POST /v1/predict {"inputs": [[...64 floats...], ...]} with `Authorization: Bearer <key>`.
-Open: GET /healthz, GET /v1/contract, GET /docs, GET /openapi.json.
+GET /v1/contract needs a `predict` or `metrics` key; open: GET /healthz, GET /docs, GET /openapi.json.
+Keys carry scopes, an expiry and a quota; `rotate_key` replaces one with a grace period.
 """
 
 from mlplatform.serve._app import build_app
-from mlplatform.serve._client import Latencies, endpoint, latency_histogram, timed_predictions
-from mlplatform.serve._keys import CreatedKey, KeyRecord, create_key, list_keys, revoke_key
+from mlplatform.serve._client import Latencies, endpoint, https_context, latency_histogram, timed_predictions
+from mlplatform.serve._keys import CreatedKey, KeyRecord, create_key, list_keys, revoke_key, rotate_key
 from mlplatform.serve._manage import check_config, delete, deploy, status
+from mlplatform.serve._quota import Quota
 from mlplatform.serve._spec import (
     PRESETS,
     AutoscalingSpec,
@@ -42,6 +44,7 @@ __all__ = [
     "KeyRecord",
     "ModelDeploymentSpec",
     "Preset",
+    "Quota",
     "ServeConfigFile",
     "ServeSpec",
     "Variant",
@@ -51,9 +54,11 @@ __all__ = [
     "delete",
     "deploy",
     "endpoint",
+    "https_context",
     "latency_histogram",
     "list_keys",
     "revoke_key",
+    "rotate_key",
     "status",
     "timed_predictions",
 ]

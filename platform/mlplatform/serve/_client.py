@@ -7,6 +7,8 @@ What a notebook or a smoke check does after deploying; the HTTP contract is the 
 from __future__ import annotations
 
 import json
+import os
+import ssl
 import statistics
 import time
 import urllib.request
@@ -16,7 +18,8 @@ from typing import Any
 
 
 def endpoint(app: str, *, cluster: str | None = None) -> str:
-    """The HTTP base URL of application `app` (Serve's proxy host and port, plus its route prefix).
+    """The base URL of application `app` (Serve's proxy host and port, plus its route prefix):
+    https:// when Serve runs with a certificate (every cluster with TLS on).
 
     Raises:
         ServeError: `app` is not deployed on the cluster.
@@ -35,7 +38,8 @@ def endpoint(app: str, *, cluster: str | None = None) -> str:
     host = http.get("host") or "127.0.0.1"
     host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     prefix = (apps[app].get("route_prefix") or "/").rstrip("/")
-    return f"http://{host}:{http.get('port', 8000)}{prefix}"
+    scheme = "https" if http.get("ssl_certfile") else "http"
+    return f"{scheme}://{host}:{http.get('port', 8000)}{prefix}"
 
 
 @dataclass
@@ -53,8 +57,15 @@ class Latencies:
                 f"p99 {self.percentile(99):.1f} ms, max {max(self.ms):.1f} ms")
 
 
-def timed_predictions(url: str, key: str, rows: Sequence[Sequence[float]], timeout_s: float = 30.0) -> Latencies:
-    """POST each row of `rows` to `url`/v1/predict, one request at a time, timing each."""
+def timed_predictions(url: str, key: str, rows: Sequence[Sequence[float]], timeout_s: float = 30.0,
+                      ca: str | None = None) -> Latencies:
+    """POST each row of `rows` to `url`/v1/predict, one request at a time, timing each.
+
+    Args:
+        ca: the CA file an https:// `url` is verified against; default RAY_TLS_CA_CERT (the
+            cluster's CA, from `mlplatform cluster env` or `connect`).
+    """
+    context = https_context(ca) if url.startswith("https://") else None
     out = Latencies()
     for row in rows:
         request = urllib.request.Request(
@@ -62,11 +73,22 @@ def timed_predictions(url: str, key: str, rows: Sequence[Sequence[float]], timeo
             headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
         )
         t0 = time.perf_counter()
-        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+        with urllib.request.urlopen(request, timeout=timeout_s, context=context) as response:
             body: dict[str, Any] = json.loads(response.read())
         out.ms.append((time.perf_counter() - t0) * 1000)
         out.outputs.append(body["outputs"][0])
     return out
+
+
+def https_context(ca: str | None = None) -> ssl.SSLContext:
+    """An SSL context that trusts the cluster's CA (`ca`, default RAY_TLS_CA_CERT) and verifies host names."""
+    from mlplatform.errors import ServeError
+
+    ca = ca or os.environ.get("RAY_TLS_CA_CERT")
+    if not ca:
+        raise ServeError("An https:// Serve URL needs the cluster's CA: run `eval \"$(mlplatform cluster env)\"` "
+                         "(sets RAY_TLS_CA_CERT) or pass `ca=`.")
+    return ssl.create_default_context(cafile=ca)
 
 
 def latency_histogram(latencies: Latencies, title: str = "request latency"):

@@ -1,7 +1,11 @@
 """FastAPI ingress: API key → request contract → router (canary split, GPU→CPU fallback) → model.
 
-Health, contract and OpenAPI endpoints are open; /v1/predict needs a key. Bad input is
-answered here (400/401/403/413/422) and never reaches a model's batch queue.
+Which key scope each endpoint needs: POST /v1/predict `predict`; GET /v1/contract `predict`
+or `metrics` (a client that predicts must be able to read the contract); /healthz, /docs and
+/openapi.json stay open (liveness probes carry no key; the schema is public documentation).
+No endpoint of the ingress is administrative today: `admin` is for the key and policy
+verbs of the CLI. Bad input is answered here (400/401/403/413/422/429/431) and never
+reaches a model's batch queue.
 
 No `from __future__ import annotations` here: FastAPI must see real annotations (a string
 "Request" on a method wrapped by serve.ingress is taken for a query parameter).
@@ -13,6 +17,7 @@ import hashlib
 import logging
 import time
 from typing import Any
+from urllib.parse import parse_qsl
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -21,7 +26,8 @@ from ray import serve
 from ray.serve.exceptions import BackPressureError
 
 from mlplatform.serve._contract import Contract, ContractViolation
-from mlplatform.serve._keys import KeyChecker
+from mlplatform.serve._keys import KeyChecker, Verdict
+from mlplatform.serve._quota import QuotaLimiter, retry_after_header
 
 logger = logging.getLogger("ray.serve")
 
@@ -53,7 +59,7 @@ api = FastAPI(
     version="1",
 )
 
-_ERRORS = {c: {"model": ErrorResponse} for c in (400, 401, 403, 413, 422, 503)}
+_ERRORS = {c: {"model": ErrorResponse} for c in (400, 401, 403, 413, 422, 429, 431, 503)}
 _UNAVAILABLE = ("RayActorError", "ActorDiedError", "ActorUnavailableError", "DeploymentUnavailableError",
                 "RequestCancelledError")
 
@@ -70,10 +76,104 @@ async def _await(response):
     return await response
 
 
+class _Refusal(ContractViolation):
+    """An authentication or quota refusal: names the key (by id, never its secret) and carries headers."""
+
+    def __init__(self, status: int, code: str, message: str, key_id: str | None = None,
+                 headers: dict[str, str] | None = None):
+        super().__init__(status, code, message, "Authorization")
+        self.key_id, self.headers = key_id, headers or {}
+
+    def body(self) -> dict[str, Any]:
+        body = super().body()
+        if self.key_id:
+            body["error"]["key_id"] = self.key_id
+        return body
+
+
+# Query parameters that would carry a key: refused before any handler, so such a URL never
+# reaches code that might log it (Serve's access log records the path, never the query).
+_KEY_PARAMS = frozenset({"api_key", "apikey", "api-key", "key", "access_token", "token"})
+# Total request header bytes accepted; a bigger block is refused with 431 before auth.
+MAX_HEADER_BYTES = 16 * 1024
+
+
+class _RequestGuard:
+    """ASGI middleware run before every endpoint (open ones too): keys in the query string (400)
+    and oversized headers (431). Plain ASGI, not BaseHTTPMiddleware: no per-request task or
+    body re-buffering on the prediction path."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            refusal = _guard(scope)
+            if refusal is not None:
+                return await JSONResponse(refusal.body(), status_code=refusal.status)(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
+def _guard(scope) -> ContractViolation | None:
+    query = scope.get("query_string") or b""
+    if query:
+        names = {k.lower() for k, _ in parse_qsl(query.decode("latin-1"), keep_blank_values=True)}
+        found = sorted(names & _KEY_PARAMS)
+        if found:
+            # The value is never echoed: the message names only the parameter.
+            return ContractViolation(
+                400, "key_in_query", f"An API key was sent in the query string (`{found[0]}`); URLs end up in "
+                "proxy logs and browser history. Send it in the Authorization header "
+                "(`Authorization: Bearer <key>`), and replace this key if the URL was shared or logged "
+                "(`mlplatform serve keys rotate APP KEY_ID --grace 0`).", found[0],
+            )
+    size = sum(len(k) + len(v) for k, v in scope.get("headers") or ())
+    if size > MAX_HEADER_BYTES:
+        return ContractViolation(431, "headers_too_large",
+                                 f"Request headers total {size} bytes; at most {MAX_HEADER_BYTES} are accepted.",
+                                 "headers")
+    return None
+
+
+api.add_middleware(_RequestGuard)
+
+
 # Defined before the class: serve.ingress pickles the class when it is decorated, so a helper
 # defined below it would be missing in the replicas (NameError).
 def _client(request: Request) -> str:
     return request.client.host if request.client else "anonymous"
+
+
+def _refused(e: ContractViolation) -> JSONResponse:
+    headers = dict(getattr(e, "headers", None) or {})
+    if e.status == 401:
+        headers["WWW-Authenticate"] = "Bearer"
+    return JSONResponse(e.body(), status_code=e.status, headers=headers or None)
+
+
+def _auth_refusal(verdict: Verdict, app: str, scopes: tuple[str, ...], endpoint: str) -> _Refusal:
+    """401/403 naming the key id, why it was refused and how to fix it (never the secret)."""
+    send = "send `Authorization: Bearer <key>` or `X-API-Key: <key>`"
+    create = f"`mlplatform serve keys create {app} --scope {scopes[0]}`"
+    r, outcome = verdict.record, verdict.outcome
+    if outcome == KeyChecker.MISSING:
+        return _Refusal(401, "unauthorized", f"No API key; {send} (create one with {create}).")
+    if outcome == KeyChecker.INVALID:
+        return _Refusal(401, "unauthorized", f"Unknown or malformed API key; {send} with a key of {app!r} "
+                        f"(create one with {create}).")
+    if outcome == KeyChecker.REVOKED:
+        return _Refusal(401, "key_revoked", f"Key {r.key_id} was revoked at {r.revoked_at}; use another key of "
+                        f"{app!r} (create one with {create}).", r.key_id)
+    if outcome == KeyChecker.EXPIRED:
+        how = (f"it was rotated: use its replacement, key {r.rotated_to}" if r.rotated_to
+               else f"create a new one with {create}, and rotate keys before they expire "
+               f"(`mlplatform serve keys rotate {app} KEY_ID --grace 1h`)")
+        return _Refusal(401, "key_expired", f"Key {r.key_id} expired at {r.expires_at}; {how}.", r.key_id)
+    if outcome == KeyChecker.FORBIDDEN:
+        return _Refusal(403, "forbidden", f"Key {r.key_id} belongs to application {r.app!r}, not {app!r}; "
+                        f"use a key of {app!r} (create one with {create}).", r.key_id)
+    return _Refusal(403, "missing_scope", f"Key {r.key_id} has scope(s) {', '.join(r.scopes)}; {endpoint} needs "
+                    f"{' or '.join(scopes)}. Create a key with {create}.", r.key_id)
 
 
 @serve.ingress(api)
@@ -85,6 +185,8 @@ class Ingress:
         self.app_name = settings["app"]
         self.contract = Contract(**settings["contract"])
         self.keys = KeyChecker(self.app_name, settings["keys_dir"]) if settings["auth"] else None
+        # Each replica enforces its share of every key's quota (see _quota.py for why).
+        self.quotas = QuotaLimiter()
         self.handles = {"primary": primary, "fallback": fallback, "canary": canary}
         # ingress.colocate: the primary model lives in this replica and is called in-process
         # (imported only then: a split ingress never loads model code).
@@ -110,8 +212,13 @@ class Ingress:
         return {"status": "ok", "app": self.app_name, "model": self.s["version"], "canary": self.s.get("canary_version"),
                 "canary_percent": self.canary_percent, "canary_gate": self.gate_status, "running_replicas": self.running}
 
-    @api.get("/v1/contract", summary="What a prediction request must look like (no key needed).")
-    async def contract_info(self) -> dict[str, Any]:
+    @api.get("/v1/contract", summary="What a prediction request must look like (a `predict` or `metrics` key).",
+             responses=_ERRORS)
+    async def contract_info(self, request: Request):
+        try:
+            await self._authenticate(request, ("predict", "metrics"), "GET /v1/contract")
+        except ContractViolation as e:
+            return _refused(e)
         return self.contract.describe()
 
     # --- predictions ---
@@ -127,7 +234,7 @@ class Ingress:
         self._in_flight += 1
         version, served_by, code, role = self.s["version"], "none", 500, None
         try:
-            key_id = await self._authenticate(request)
+            key_id = await self._authenticate(request, ("predict",), "POST /v1/predict")
             self.contract.check_length(request.headers.get("content-length"))
             x = self.contract.parse(await self._body(request))
             role = self._choose(key_id or request.headers.get("x-caller-id") or _client(request))
@@ -145,8 +252,7 @@ class Ingress:
         except ContractViolation as e:
             code = e.status
             self._metric("invalid", {"app": self.app_name, "reason": e.code})
-            headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
-            return JSONResponse(e.body(), status_code=e.status, headers=headers)
+            return _refused(e)
         except (BackPressureError, _NoReplica) as e:
             code = 503
             retry = self.s["retry_after_s"]
@@ -179,22 +285,26 @@ class Ingress:
 
     # --- pieces ---
 
-    async def _authenticate(self, request: Request) -> str | None:
+    async def _authenticate(self, request: Request, scopes: tuple[str, ...], endpoint: str) -> str | None:
+        """The key id of a valid key holding one of `scopes`, within its quota; else raises _Refusal."""
         if self.keys is None:
             return None
         auth = request.headers.get("authorization", "")
         presented = auth[7:].strip() if auth[:7].lower() == "bearer " else request.headers.get("x-api-key")
-        verdict, key_id = await self.keys.check(presented)
-        if verdict == KeyChecker.OK:
-            return key_id
-        if verdict == KeyChecker.FORBIDDEN:
-            raise ContractViolation(403, "forbidden", f"This key is not valid for application {self.app_name!r}.",
-                                    "Authorization")
-        what = "No API key" if verdict == KeyChecker.MISSING else "Invalid or revoked API key"
-        raise ContractViolation(
-            401, "unauthorized", f"{what}; send `Authorization: Bearer <key>` or `X-API-Key: <key>` "
-            f"(create one with `mlplatform serve keys create {self.app_name}`).", "Authorization",
-        )
+        verdict = await self.keys.check(presented, scopes)
+        if verdict.outcome != KeyChecker.OK:
+            raise _auth_refusal(verdict, self.app_name, scopes, endpoint)
+        record = verdict.record
+        wait_s = self.quotas.take(record.key_id, record.quota)
+        if wait_s > 0:
+            retry = retry_after_header(wait_s)
+            raise _Refusal(
+                429, "quota_exceeded", f"Key {record.key_id} is over its quota of {record.quota.describe()}; "
+                f"retry after {retry} s, or ask an admin for a larger quota (`mlplatform serve keys create "
+                f"{self.app_name} --rate R --burst B`, then rotate clients onto it).", record.key_id,
+                {"Retry-After": retry},
+            )
+        return record.key_id
 
     async def _body(self, request: Request) -> bytes:
         # Stream with a running total: a body without Content-Length cannot exceed the limit either.
@@ -294,6 +404,9 @@ class Ingress:
         try:
             status = await asyncio.to_thread(serve.status)
             deployments = status.applications[serve.get_replica_context().app_name].deployments
+            if "ingress" in deployments:  # the replicas sharing each key's quota
+                self.quotas.set_replicas(sum(v for k, v in deployments["ingress"].replica_states.items()
+                                             if str(getattr(k, "value", k)) == "RUNNING"))
             # Colocated: the model's replicas are this deployment's.
             for role in [r for r, h in self.handles.items() if h is not None] or ["ingress"]:
                 states = deployments[role].replica_states if role in deployments else {}

@@ -8,7 +8,7 @@ from typing import Any
 
 import yaml
 
-from mlplatform import config
+from mlplatform import access, config
 from mlplatform.serve._spec import ServeConfigFile
 
 
@@ -35,6 +35,8 @@ def deploy(
     from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
 
     spec = check_config(path)
+    for application in spec.applications:  # every app in the file, before any is submitted
+        access.require("serve.deploy", f"serve:{application.name}")
     raw = yaml.safe_load(Path(path).read_text())
     client = ServeSubmissionClient(address or _dashboard(cluster))
     if working_dir is not None:
@@ -49,6 +51,12 @@ def deploy(
             env = app.setdefault("runtime_env", {}) or {}
             env.setdefault("working_dir", shipped["working_dir"])
             app["runtime_env"] = env
+    dashboard = address or _dashboard(cluster)
+    https = _https_options(dashboard)
+    if https and not (raw.get("http_options") or {}).get("ssl_certfile"):
+        # Serve fixes http_options when it starts: the cluster's certificate from the first
+        # deploy on, so its proxy never answers plain HTTP.
+        raw["http_options"] = {**(raw.get("http_options") or {}), **https}
     client.deploy_applications(raw)
     return [a.name for a in spec.applications]
 
@@ -72,6 +80,7 @@ def status(*, cluster: str | None = None, address: str | None = None) -> dict[st
 
 def delete(app: str, *, cluster: str | None = None) -> None:
     """Delete one Serve application (its replicas stop; other applications stay)."""
+    access.require("serve.delete", f"serve:{app}")
     import ray
     from ray import serve
 
@@ -80,6 +89,16 @@ def delete(app: str, *, cluster: str | None = None) -> None:
     if not ray.is_initialized():
         connect(cluster)
     serve.delete(app)
+
+
+def _https_options(dashboard: str) -> dict[str, str]:
+    """Serve's HTTPS options for the local cluster behind `dashboard`, if it runs with TLS; else {}."""
+    from mlplatform.cluster import local, tls
+
+    for running in local.running():
+        if running.dashboard_url == dashboard.rstrip("/") and running.tls() is not None:
+            return tls.serve_http_options(running.tls())
+    return {}
 
 
 def _dashboard(cluster: str | None) -> str:

@@ -19,6 +19,7 @@ import numpy as np
 from ray import serve
 
 from mlplatform._internal import artifact_layout as layout
+from mlplatform._internal import onnx_files
 from mlplatform.errors import ModelNotDeployable, ServeError
 from mlplatform.serve._forward import TorchForward, run_batched
 
@@ -77,11 +78,18 @@ class _Model:
         self.s = settings
         self._work = Path(tempfile.mkdtemp(prefix="mlplatform-serve-"))
         self.dir = self._work / "version"
-        registry.fetch(settings["ref"], self.dir, root=settings["root"])  # verifies every hash
-        files = {p.name: p for p in self.dir.iterdir()}
-        report = json.loads((self.dir / layout.EXPORT_REPORT).read_text()) if layout.EXPORT_REPORT in files else None
+        # An encrypted (restricted) version is verified and decrypted into this process's memory only;
+        # a plaintext one is fetched to local scratch. Both verify every hash.
+        self.memory: dict[str, bytes] | None = None
+        if registry.resolve(settings["ref"], root=settings["root"]).encrypted:
+            _, self.memory = registry.read_verified(settings["ref"], root=settings["root"])
+            files = {name: None for name in self.memory if "/" not in name}
+        else:
+            registry.fetch(settings["ref"], self.dir, root=settings["root"])
+            files = {p.name: p for p in self.dir.iterdir()}
+        report = json.loads(self.read(layout.EXPORT_REPORT)) if layout.EXPORT_REPORT in files else None
         self.file = check_variant(files, report, settings["variant"], settings["ref"], settings["role"])
-        meta = json.loads((self.dir / layout.METADATA).read_text()) if layout.METADATA in files else {}
+        meta = json.loads(self.read(layout.METADATA)) if layout.METADATA in files else {}
         self.task = meta.get("task", "")
         self.input_name = ((meta.get("input_signature") or {}).get("names") or ["input"])[0]
         self._tags = {"app": settings["app"], "deployment": settings["role"], "version": settings["ref"]}
@@ -89,12 +97,18 @@ class _Model:
         self._batched.set_max_batch_size(settings["max_batch_size"])
         self._batched.set_batch_wait_timeout_s(settings["batch_wait_timeout_s"])
 
+    def read(self, name: str) -> bytes:
+        """One file of the version, from memory (encrypted version) or the fetched copy."""
+        return self.memory[name] if self.memory is not None else (self.dir / name).read_bytes()
+
     def _drift_monitor(self, meta: dict[str, Any]):
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
         from mlplatform.serve._drift import DriftMonitor
 
-        table = pq.read_table(self.dir / layout.SAMPLE)
+        # The reference sample is rows of the training data: read from memory, never written out.
+        table = pq.read_table(pa.BufferReader(self.read(layout.SAMPLE)))
         cols = layout.metadata_features(meta, table.column_names)
         self.features = cols
         ref = np.column_stack([table.column(c).to_numpy() for c in cols]).astype(np.float64)
@@ -155,7 +169,15 @@ class OnnxCpuModel(_Model):
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         try:
-            self.session = ort.InferenceSession(str(self.dir / self.file), options, providers=["CPUExecutionProvider"])
+            if self.memory is not None:  # ONNX Runtime builds the session from the decrypted bytes
+                model: str | bytes = self.memory[self.file]
+                _refuse_external_data(model, settings["ref"], self.file)
+            else:
+                onnx_files.check_external_data(self.dir / self.file)
+                model = str(self.dir / self.file)
+            self.session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+        except ValueError as e:  # external data outside the model's folder
+            raise ServeError(f"{settings['ref']}: {e}") from None
         except Exception as e:  # ORT raises its own Fail/InvalidGraph types
             raise ServeError(f"{settings['ref']}: ONNX Runtime cannot load {self.file}: {e}") from None
         self.input_name = self.session.get_inputs()[0].name
@@ -170,6 +192,12 @@ class TorchGpuModel(_Model):
 
     def __init__(self, settings: dict[str, Any]):
         super().__init__(settings)
+        if self.memory is not None:
+            # TorchForward loads safetensors by path: the one place a decrypted copy is written,
+            # into this replica's private scratch (0700), removed with the replica.
+            for name, data in self.memory.items():
+                (self.dir / name).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+                (self.dir / name).write_bytes(data)
         self.forward = TorchForward(self.dir, settings)
         self.device = self.forward.device
 
@@ -180,6 +208,15 @@ class TorchGpuModel(_Model):
         # Failing here makes Serve replace the replica; meanwhile the router sends traffic
         # to the fallback.
         self.forward.check_health()
+
+
+def _refuse_external_data(model: bytes, ref: str, file: str) -> None:
+    """A model served from memory must be self-contained: external data would be read from disk."""
+    if onnx_files.has_external_data(model):
+        raise ServeError(
+            f"{ref}: {file} keeps tensors in external data files; an encrypted version is served from memory "
+            f"and must be one self-contained .onnx file. Re-export it without external data."
+        )
 
 
 def model_class(variant: str) -> type[_Model]:

@@ -317,6 +317,17 @@ class HttpOptions(Spec):
     host: str = Field("127.0.0.1", description="Address the Serve proxy listens on.")
     port: int = Field(8000, ge=1, le=65535, description="Port the Serve proxy listens on.")
     request_timeout_s: float | None = Field(None, gt=0, description="End-to-end HTTP request timeout of the proxy.")
+    ssl_certfile: str | None = Field(
+        None, description="HTTPS certificate (PEM). Leave unset: `mlplatform serve deploy` fills in the cluster's "
+        "own when it runs with TLS.",
+    )
+    ssl_keyfile: str | None = Field(None, description="Private key of `ssl_certfile` (PEM); set both or neither.")
+
+    @model_validator(mode="after")
+    def _ssl_pair(self) -> "HttpOptions":
+        if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
+            raise ValueError("set both `ssl_certfile` and `ssl_keyfile`, or neither (then the cluster's own are used)")
+        return self
 
 
 class ServeConfigFile(Spec):

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import resource
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -254,11 +256,68 @@ def load_checkpoint(run, directory: str, rank: int) -> int:
     """Restore model, optimizer, scheduler and RNG from `directory`; the step it was taken at."""
     import torch
 
-    _, client = run.engine.load_checkpoint(directory, tag=TAG)
+    with _weights_only(run.engine):
+        _, client = run.engine.load_checkpoint(directory, tag=TAG)
     rng_file = os.path.join(directory, f"rng_rank{rank}.pt")
     if os.path.exists(rng_file):
-        _set_rng(torch.load(rng_file, weights_only=False))
+        # weights_only: a checkpoint on shared storage is data, never code to run.
+        _set_rng(torch.load(rng_file, weights_only=True))
     return int(client["global_step"])
+
+
+# DeepSpeed's own classes in ZeRO 1-3 checkpoints (bf16/fp16 loss scalers, the ZeRO stage, fragment
+# addresses): plain data holders, allowed so its checkpoints load with torch.load(weights_only=True).
+_DEEPSPEED_GLOBALS = (
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.utils.tensor_fragment.fragment_address",
+)
+
+
+@contextmanager
+def _weights_only(engine):
+    """Make DeepSpeed's checkpoint loads use torch.load(weights_only=True) (it passes False).
+
+    DeepSpeed reads every checkpoint file through engine.checkpoint_engine.load; that one method
+    is replaced for the duration of the load, on this engine only.
+    """
+    import importlib
+
+    import torch
+
+    allowed = []
+    for name in _DEEPSPEED_GLOBALS:
+        module, _, attr = name.rpartition(".")
+        found = getattr(importlib.import_module(module), attr, None)
+        if found is not None:
+            allowed.append(found)
+
+    def load(path, map_location=None):
+        import pickle
+
+        from mlplatform.errors import TrainingFailed
+
+        try:
+            with torch.serialization.safe_globals(allowed):
+                return torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as e:
+            # torch's message names the class (keep that, not its advice to unpickle anyway).
+            found = re.search(r"GLOBAL ([\w.]+)", str(e))
+            what = f"the global {found.group(1)!r}" if found else "an object"
+            raise TrainingFailed(
+                f"{path}: refusing to load this checkpoint file: it holds {what}, not tensors or one of "
+                f"DeepSpeed's known data classes. Checkpoints are loaded with "
+                f"torch.load(weights_only=True) so a file on storage cannot run code; if it is a DeepSpeed "
+                f"class, add it to mlplatform.train.engine._DEEPSPEED_GLOBALS."
+            ) from None
+
+    ckpt = engine.checkpoint_engine
+    ckpt.load = load  # an instance attribute shadows the class's method
+    try:
+        yield
+    finally:
+        del ckpt.load
 
 
 def dtype(precision: str):
@@ -362,7 +421,12 @@ def _get_rng() -> dict[str, Any]:
     import numpy as np
     import torch
 
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    # Only tensors, numbers, strings and containers: loadable with torch.load(weights_only=True).
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    state = {"python": [version, list(internal), gauss_next],
+             "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -374,8 +438,10 @@ def _set_rng(state: dict[str, Any]) -> None:
     import numpy as np
     import torch
 
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.int64).astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

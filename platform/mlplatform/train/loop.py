@@ -16,10 +16,11 @@ import shutil
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from mlplatform import residency
-from mlplatform._internal import storage
+from mlplatform._internal import envelope, keyring, storage
 from mlplatform.errors import PreflightError
 from mlplatform.train import checkpoints, data, engine
 from mlplatform.train._metrics import TrainMetrics
@@ -75,11 +76,13 @@ class _Storage:
 
     fs: Any
     run_dir: str
+    keys: keyring.Keyring | None = None  # set for restricted data: its checkpoints are encrypted
 
     @classmethod
     def of(cls, spec: TrainSpec) -> _Storage:
         fs, root = storage.filesystem(spec.storage_path, "storage_path", PreflightError)
-        return cls(fs, f"{root.rstrip('/')}/{spec.name}")
+        keys = keyring.for_classification(residency.current(), spec.classification)
+        return cls(fs, f"{root.rstrip('/')}/{spec.name}", keys)
 
 
 @dataclass
@@ -145,7 +148,19 @@ def _resume(run, store: _Storage, rank: int, total_steps: int) -> int:
     if not checkpoint:
         return 0
     with checkpoint.as_directory() as ckpt_dir:
-        start_step = engine.load_checkpoint(run, ckpt_dir, rank)
+        encrypted = any(envelope.is_encrypted(p) for p in Path(ckpt_dir).rglob("*") if p.is_file())
+        if store.keys is None and not encrypted:
+            start_step = engine.load_checkpoint(run, ckpt_dir, rank)
+        else:
+            # DeepSpeed reads files by path: decrypt into private scratch inside the data's prefixes,
+            # never in place (as_directory may hand out the stored checkpoint itself).
+            plain = storage.temp_dir("mlplatform-resume-")
+            try:
+                keys = store.keys or keyring.cluster_keyring(create=False)
+                envelope.decrypt_tree(ckpt_dir, plain, keys, plain_ok=(checkpoints.MANIFEST,))
+                start_step = engine.load_checkpoint(run, str(plain), rank)
+            finally:
+                shutil.rmtree(plain, ignore_errors=True)
     _log(rank, f"resumed from the checkpoint of step {start_step}/{total_steps} ({checkpoint.path})")
     return start_step
 
@@ -290,6 +305,8 @@ def _report(spec: TrainSpec, run, worker: _Worker, store: _Storage, step: int, t
         tmp = storage.temp_dir("mlplatform-ckpt-")  # scratch inside the storage prefixes
         try:
             engine.save_checkpoint(run, str(tmp), step, worker.rank, spec if step == total_steps else None)
+            if store.keys is not None:  # restricted data: only ciphertext leaves this scratch directory
+                envelope.encrypt_tree(tmp, store.keys)
             ray.train.report(
                 metrics,
                 checkpoint=ray.train.Checkpoint.from_directory(str(tmp)),

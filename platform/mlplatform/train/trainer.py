@@ -10,6 +10,7 @@ and the artifact say from which step); pick a new `name` for a fresh run.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Iterator
@@ -20,6 +21,7 @@ from typing import Any
 
 from mlplatform import residency
 from mlplatform._internal import artifact_layout as layout
+from mlplatform._internal import envelope, keyring
 from mlplatform._internal import storage as _storage
 from mlplatform.errors import PreflightError, ResidencyError, TrainingFailed
 from mlplatform.residency import guard, sweep
@@ -128,8 +130,7 @@ def _train(spec: TrainSpec, the_plan: Plan, policy, selector: dict[str, str], cl
     final = Checkpoint(newest.path, filesystem=fs) if newest else result.checkpoint
     if final is None:
         raise TrainingFailed(f"{spec.name}: the run ended without a checkpoint; see the job logs.")
-    with final.as_directory() as ckpt_dir:
-        weights = Path(ckpt_dir) / layout.WEIGHTS
+    with final.as_directory() as ckpt_dir, _plain_weights(ckpt_dir) as weights:
         if not weights.is_file():
             raise TrainingFailed(
                 f"{spec.name}: the last checkpoint ({final.path}) has no {layout.WEIGHTS}; the run stopped "
@@ -150,6 +151,25 @@ def _train(spec: TrainSpec, the_plan: Plan, policy, selector: dict[str, str], cl
         precision=meta["training"]["precision"],
         engine=meta["training"]["engine"],
     )
+
+
+@contextmanager
+def _plain_weights(ckpt_dir: str) -> Iterator[Path]:
+    """The checkpoint's consolidated weights as a plaintext file, decrypted into scratch if encrypted.
+
+    The file says whether it is encrypted (the workers decided, from the policy they ran under).
+    """
+    stored = Path(ckpt_dir) / layout.WEIGHTS
+    if not stored.is_file() or not envelope.is_encrypted(stored):
+        yield stored
+        return
+    keys = keyring.cluster_keyring(create=False)
+    scratch = _storage.temp_dir("mlplatform-weights-")  # inside the data's prefixes (confined)
+    try:
+        envelope.decrypt_file(stored, scratch / layout.WEIGHTS, keys, layout.WEIGHTS)
+        yield scratch / layout.WEIGHTS
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _where_it_ran(spec: TrainSpec, policy) -> dict[str, Any] | None:

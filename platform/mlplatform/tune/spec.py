@@ -17,10 +17,10 @@ import re
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
-import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
+from mlplatform import config
 from mlplatform.config import Spec
 from mlplatform.errors import SpecError
 from mlplatform.train.spec import MARKET_LABEL, TrainSpec
@@ -381,14 +381,16 @@ def load_train_spec(spec: TuneSpec, tune_spec_path: str | Path) -> TrainSpec:
     folder = Path(tune_spec_path).parent
     path = Path(spec.train) if Path(spec.train).is_absolute() else folder / spec.train
     try:
-        data = yaml.safe_load(path.read_text())
+        data, _ = config.read_yaml(path.read_text(), str(path))
     except FileNotFoundError:
         raise SpecError(
             f"Got {spec.train!r} for `train`; {path} does not exist. `train` is relative to the tune spec's folder "
             f"({folder}); check it with `ls {path.parent}`."
         ) from None
-    except (OSError, yaml.YAMLError) as e:
-        raise SpecError(f"Got {spec.train!r} for `train`; {path} is not a readable YAML file ({e}).") from None
+    except OSError as e:
+        raise SpecError(f"Got {spec.train!r} for `train`; {path} is not a readable file ({e.strerror}).") from None
+    except SpecError as e:
+        raise SpecError(f"Got {spec.train!r} for `train`; {e}") from None
     if not isinstance(data, dict):
         raise SpecError(f"Got {spec.train!r} for `train`; {path} must be a YAML mapping (a TrainSpec).")
     try:

@@ -115,3 +115,33 @@ cost_jobs = sa.Table(
     sa.Column("ended_at", sa.Float),
     sa.Column("extra", sa.Text),  # JSON object
 )
+
+# --- users and roles (mlplatform.access) ---
+
+access_users = sa.Table(
+    "access_users", metadata,
+    sa.Column("name", sa.Text, primary_key=True),
+    sa.Column("created_at", sa.Text, nullable=False),
+    sa.Column("created_by", sa.Text, nullable=False),
+)
+
+# One role per (user, resource); resource "*" is global. Roles are ordered, so one row says it all.
+access_grants = sa.Table(
+    "access_grants", metadata,
+    sa.Column("name", sa.Text, primary_key=True),
+    sa.Column("resource", sa.Text, primary_key=True),
+    sa.Column("role", sa.Text, nullable=False),
+    sa.ForeignKeyConstraint(["name"], ["access_users.name"], ondelete="CASCADE"),
+)
+
+# A user may hold several tokens (the operator gets one per platform home); only hashes are kept.
+access_tokens = sa.Table(
+    "access_tokens", metadata,
+    sa.Column("token_id", sa.Text, primary_key=True),
+    sa.Column("name", sa.Text, nullable=False),
+    sa.Column("salt", sa.Text, nullable=False),
+    sa.Column("sha256", sa.Text, nullable=False),
+    sa.Column("created_at", sa.Text, nullable=False),
+    sa.ForeignKeyConstraint(["name"], ["access_users.name"], ondelete="CASCADE"),
+    sa.Index("ix_access_tokens_name", "name"),
+)
