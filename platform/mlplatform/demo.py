@@ -410,11 +410,12 @@ def _stage_security(name: str, state: dict) -> str:
 
     from mlplatform import access, registry
     from mlplatform._internal import envelope
+    from mlplatform.cluster import tls
     from mlplatform.residency import audit
 
     # 1. Ray's own CLI: refused without the cluster's client certificate, let in with `cluster env`.
     env = cluster.find(name).env()
-    tls_vars = ("RAY_USE_TLS", "RAY_TLS_SERVER_CERT", "RAY_TLS_SERVER_KEY", "RAY_TLS_CA_CERT")
+    tls_vars = tls.TLS_ENV
     base = {k: v for k, v in os.environ.items() if k not in tls_vars}
     ray_cli = str(Path(sys.executable).with_name("ray"))
     without = subprocess.run([ray_cli, "status"], env={**base, **{k: v for k, v in env.items() if k not in tls_vars}},
