@@ -46,7 +46,7 @@ chromium:
 # The default suite; runs marked `slow` (own clusters, preemptions) go with `make test-slow`,
 # which CI runs right after `make test`.
 test: $(VENV)/.installed-dev prometheus postgresql
-	$(BIN)/python -m pytest -m "not slow" tests
+	$(BIN)/python -m pytest -m "not slow" --durations=15 tests
 
 test-slow: $(VENV)/.installed-dev prometheus postgresql chromium
 	$(BIN)/python -m pytest -m slow tests

@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,6 +27,17 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def submit_job(cluster, *args: str, timeout_s: float = 800) -> str:
+    """`ray job submit --working-dir . -- python ARGS` on `cluster`, as the README writes it; its stdout."""
+    ray_cli = os.path.join(os.path.dirname(sys.executable), "ray")
+    result = subprocess.run(
+        [ray_cli, "job", "submit", "--working-dir", ".", "--", "python", *args],
+        cwd=REPO, env={**os.environ, **cluster.env()}, capture_output=True, text=True, timeout=timeout_s,
+    )
+    assert result.returncode == 0 and "succeeded" in result.stdout, (result.stdout + result.stderr)[-4000:]
+    return result.stdout
 
 
 def with_free_ports(spec):

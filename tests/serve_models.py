@@ -142,14 +142,15 @@ def _widen_input(path: Path, features: int) -> None:
 
 
 def register_digits(root: Path, work: Path, name: str = "digits", *, alias: str = "production",
-                    broken: bool = False, **kwargs):
+                    broken: bool = False, lineage: dict | None = None, **kwargs):
     """Register one such version under `root` and point `alias` at it; returns the Version.
-    kwargs go to `artifact` (or `broken_artifact`): seed, scale, int8_deployable, weights."""
+    kwargs go to `artifact` (or `broken_artifact`): seed, scale, int8_deployable, weights;
+    `lineage` to the registry (e.g. an `extra.export` record with benchmarks, for `variant: auto`)."""
     from mlplatform import registry
 
     target = Path(work) / f"{name}-{len(list(Path(work).glob('*')))}"
     path = broken_artifact(target, **kwargs) if broken else artifact(target, **kwargs)
-    version = registry.register(path, name, root=str(root))
+    version = registry.register(path, name, root=str(root), lineage=lineage)
     registry.set_alias(name, alias, version.version, root=str(root))
     return version
 

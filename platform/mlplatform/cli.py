@@ -125,10 +125,21 @@ def _cluster_render(a: argparse.Namespace) -> None:
 def _export(a: argparse.Namespace) -> int:
     from mlplatform.export import export_model, format_report, make_spec
 
-    spec = make_spec(a.config, quantize=a.quantize, threads=a.threads, classification=a.classification)
+    spec = make_spec(a.config, quantize=a.quantize, threads=a.threads, classification=a.classification,
+                     students=a.student)
     report = export_model(a.model, spec, root=a.root)
     print(format_report(report))
-    return 0 if all(report.deployable.values()) else 1
+    return 0 if report.passed else 1  # a failed student is reported, not fatal
+
+
+def _compress(a: argparse.Namespace) -> int:
+    from mlplatform import config
+    from mlplatform.compress import CompressSpec, compress_model, format_report
+
+    spec = config.load(a.config, CompressSpec) if a.config else CompressSpec()
+    report = compress_model(a.model, spec, root=a.root)
+    print(format_report(report))
+    return 0 if report.ok else 1
 
 
 def _train_plan(a: argparse.Namespace) -> None:
@@ -812,6 +823,19 @@ COMMANDS: dict[tuple[str, ...], Command] = {
             arg("--config", metavar="PATH", help="ExportSpec YAML, e.g. jobs/configs/export-digits.yaml."),
             arg("--threads", type=int, help="Threads for the CPU benchmark (torch and ORT alike)."),
             arg("--classification", help="Keep or raise the source version's classification (never lower it)."),
+            arg("--student", action="append", default=[], metavar="REF",
+                help="A compressed student of --model (registered by jobs/compress.py) to export too; repeatable."),
+            _ROOT,
+        ),
+    ),
+    ("compress",): Command(
+        _compress,
+        "Prune and distill a registered classifier in a Ray task inside its regions, gate each result against it and "
+        "register those that pass as <model>-pruned / <model>-distilled (exit 1 if a gate fails). Needs a running "
+        "cluster: eval \"$(mlplatform cluster env)\" first.",
+        (
+            arg("--model", required=True, metavar="REF", help="Teacher registry ref: NAME, NAME@VERSION or NAME@ALIAS."),
+            arg("--config", metavar="PATH", help="CompressSpec YAML, e.g. jobs/configs/compress-digits.yaml."),
             _ROOT,
         ),
     ),

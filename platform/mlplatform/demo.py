@@ -176,36 +176,61 @@ def _stage_register(name: str, state: dict) -> str:
     return f"{version.ref}: {integrity.files_checked} files, sha256 of each verified on read-back"
 
 
+def _stage_compress(name: str, state: dict) -> str:
+    from mlplatform import registry
+
+    _job(f"python jobs/compress.py --model {state['trained']} --config jobs/configs/compress-digits.yaml --root {REGISTRY}",
+         name, tail=6)
+    students, lines = [], []
+    for kind in ("pruned", "distilled"):
+        version = registry.resolve(f"{MODEL}-{kind}@latest", root=REGISTRY)
+        extra = version.lineage.extra
+        gate = extra["compression"]["gate"]
+        if extra.get("compressed_from") != state["trained"] or not gate["passed"]:
+            raise PlatformError(f"{version.ref}: compressed_from {extra.get('compressed_from')!r}, gate {gate}; "
+                                f"expected a passed gate against {state['trained']}")
+        students.append(version.ref)
+        c = extra["compression"]
+        lines.append(f"{version.ref} ({c['params_before']} -> {c['params_after']} params, accuracy {gate['accuracy']:.3f} "
+                     f"vs {gate['teacher_accuracy']:.3f}, agreement {gate['top1_agreement']:.3f})")
+    state["students"] = students
+    return "; ".join(lines) + f", both lineage -> {state['trained']}"
+
+
 def _stage_export(name: str, state: dict) -> str:
     import tempfile
 
     from mlplatform import registry
     from mlplatform.export import ExportReport
 
+    students = " ".join(f"--student {ref}" for ref in state.get("students", ()))
     _job(
-        f"python jobs/export.py --model {state['trained']} --config jobs/configs/export-digits.yaml --root {REGISTRY}",
-        name, tail=30,
+        f"python jobs/export.py --model {state['trained']} --config jobs/configs/export-digits.yaml --root {REGISTRY} "
+        f"{students}",
+        name, tail=45,
     )
     exported = registry.resolve(f"{MODEL}@latest", root=REGISTRY)
     if exported.lineage.extra.get("exported_from") != state["trained"]:
         raise PlatformError(f"{exported.ref} was not exported from {state['trained']}: lineage {exported.lineage.extra}")
-    # The gate verdict as the export stored it with the version, read back before any alias moves.
+    # The gate verdicts and measurements as the export stored them with the version, read back
+    # before any alias moves.
     with tempfile.TemporaryDirectory() as tmp:
         registry.fetch(exported.ref, tmp, root=REGISTRY)
         report = ExportReport.from_json(json.loads((Path(tmp) / EXPORT_REPORT).read_text()))
-    int8 = report.variant("onnx_int8")
-    print(f"{exported.ref} onnx_int8 gate: " + "; ".join(c.describe() for c in int8.checks))
-    if not int8.deployable:
-        raise PlatformError(f"{exported.ref}'s INT8 variant failed its export gate ({'; '.join(int8.failures())}); "
-                            f"{MODEL}@production was not moved.")
-    registry.set_alias(MODEL, "production", exported.version, root=REGISTRY, reason="demo: INT8 export gate passed")
+    deployable = sorted(v for v, ok in report.deployable.items() if ok)
+    groups = sorted({b.node_group or "(export process)" for b in report.benchmarks})
+    if not report.passed or not deployable:
+        failed = {v.variant: v.failures() for v in report.variants if not v.deployable}
+        raise PlatformError(f"{exported.ref}'s export gates failed ({failed}); {MODEL}@production was not moved.")
+    registry.set_alias(MODEL, "production", exported.version, root=REGISTRY,
+                       reason=f"demo: export gates passed ({', '.join(deployable)})")
     production = registry.resolve(f"{MODEL}@production", root=REGISTRY)
     integrity = registry.verify(production.ref, root=REGISTRY)
     if production.version != exported.version or not integrity.ok:
         raise PlatformError(f"{MODEL}@production is {production.ref} (integrity ok: {integrity.ok}); expected {exported.ref}")
     print(f"{MODEL}@production -> {production.ref}; integrity: {integrity.files_checked} files verified")
-    gate = ", ".join(c.describe().removesuffix(" required").removesuffix(" allowed") for c in int8.checks)
-    return (f"INT8 gate passed ({gate}, export_report.json); "
+    return (f"{len(report.variants)} candidates gated, {len(deployable)} deployable ({', '.join(deployable)}), "
+            f"benchmarked on node group(s) {', '.join(groups)} ({report.cpu.summary()}); "
             f"{MODEL}@production -> {production.ref}, {integrity.files_checked} files verified")
 
 
@@ -233,6 +258,8 @@ def _stage_serve(name: str, state: dict) -> str:
         placement = _replica_groups(app)
         print(f"replica node groups (state API): {placement}")
         refusals = _key_refusals(app, url, rows[0])
+        chosen = _chosen_variant(app, name)
+        protocol = _inference_protocol(app, serve.endpoint(app, cluster=name), key, digits.data[:4] / 16.0)
     finally:
         serve.delete(app, cluster=name)
     if load.failed or load.completed < 2:
@@ -243,11 +270,57 @@ def _stage_serve(name: str, state: dict) -> str:
     if set(placement) != {pinned}:
         raise PlatformError(f"{app}'s replicas ran on node groups {placement}; the spec pins them to {pinned!r}")
     return (
-        f"{refusals}; "
+        f"{chosen}; {protocol}; {refusals}; "
         f"{load.completed} requests completed, 0 failed, {load.completed / load.seconds:.0f} req/s, "
         f"p50 {load.percentile(50):.1f} ms, p99 {load.percentile(99):.1f} ms, accuracy {load.correct / load.completed:.3f}; "
         f"autoscaled {replicas[0]} -> {max(replicas)} replicas under {CALLERS} callers, all on the {pinned} group"
     )
+
+
+def _chosen_variant(app: str, name: str) -> str:
+    """The variant `variant: auto` chose and why, as `mlplatform serve status` shows it."""
+    from mlplatform import serve
+
+    deployments = serve.status(cluster=name)[app]["deployments"]
+    chosen = {d: info for d, info in deployments.items() if info.get("variant")}
+    for d, info in chosen.items():
+        print(f"serve status: {app}/{d} serves {info['variant']}: {info.get('variant_reason', '')}")
+    if not chosen:
+        raise PlatformError(f"`mlplatform serve status` shows no variant for {app}'s deployments: {deployments}")
+    return ", ".join(f"{d} chose {info['variant']} by measurement" for d, info in chosen.items())
+
+
+def _inference_protocol(app: str, base: str, key: str, rows) -> str:
+    """The official Triton client against the app's Open Inference Protocol endpoints, and a text/plain body."""
+    import numpy as np
+    import tritonclient.http as triton
+
+    from mlplatform.serve import https_context
+
+    # Verified against the cluster's CA, as every client of the demo is.
+    client = triton.InferenceServerClient(base.split("://", 1)[1], ssl=True, ssl_context_factory=lambda **_: https_context())
+    headers = {"Authorization": f"Bearer {key}"}
+    meta = client.get_model_metadata(app, headers=dict(headers))
+    tensor = triton.InferInput(meta["inputs"][0]["name"], [len(rows), rows.shape[1]], "FP32")
+    tensor.set_data_from_numpy(np.asarray(rows, dtype=np.float32))
+    wanted = [triton.InferRequestedOutput(n) for n in ("probabilities", "class")]
+    result = client.infer(app, [tensor], outputs=wanted, headers=dict(headers))
+    probabilities, classes = result.as_numpy("probabilities"), result.as_numpy("class")
+    print(f"tritonclient: {app} v{meta['versions'][0]} inputs {meta['inputs']}; classes {classes.tolist()}, "
+          f"top probabilities {np.round(probabilities.max(axis=1), 3).tolist()}")
+    if not np.allclose(probabilities.sum(axis=1), 1.0, atol=1e-4) or classes.tolist() != probabilities.argmax(axis=1).tolist():
+        raise PlatformError(f"tritonclient got probabilities {probabilities} and classes {classes}; they disagree")
+    request = urllib.request.Request(f"{base}/v1/predict", data=b"0.1 0.2", method="POST",
+                                     headers={**headers, "Content-Type": "text/plain"})
+    try:
+        urllib.request.urlopen(request, timeout=30, context=https_context())
+        plain = 200
+    except urllib.error.HTTPError as e:
+        plain = e.code
+    if plain != 415:
+        raise PlatformError(f"a text/plain body got HTTP {plain}; expected 415")
+    return (f"tritonclient: metadata and {len(rows)} rows classified with probabilities over the Open Inference "
+            "Protocol; text/plain 415")
 
 
 def _key_refusals(app: str, url: str, row: list[float]) -> str:
@@ -507,7 +580,8 @@ STAGES: list[tuple[str, Callable[[str, dict], str]]] = [
     ("tune digits (cost-aware search on spot nodes, jobs/tune.py)", _stage_tune),
     ("cost: what each job and trial cost (the ledger)", _stage_cost),
     ("register the artifact (versioned, hashed)", _stage_register),
-    ("export ONNX + INT8 with accuracy gates (ray job submit jobs/export.py)", _stage_export),
+    ("compress: pruned and distilled students, gated against the teacher (jobs/compress.py)", _stage_compress),
+    ("export every candidate with accuracy gates, measured on the cpu group (jobs/export.py)", _stage_export),
     (f"serve {SERVE_APP} (keys, batching, autoscaling) under load", _stage_serve),
     ("residency report: where the job ran, where each model version was trained and is stored", _stage_residency_report),
     ("security: mutual TLS, roles on alias moves (audited), encrypted restricted checkpoints", _stage_security),

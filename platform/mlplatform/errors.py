@@ -125,6 +125,10 @@ class HoldoutDataError(ExportError):
     """The held-out data for the accuracy gate is missing, unreadable or does not fit the model."""
 
 
+class CompressError(PlatformError):
+    """A model could not be pruned or distilled, or the result failed its gate; nothing was registered."""
+
+
 # --- serve ---
 
 

@@ -17,6 +17,7 @@ KINDS: dict[str, str] = {
     "prices": "mlplatform.cost.catalog:PriceCatalog",
     "train": "mlplatform.train.spec:TrainSpec",
     "export": "mlplatform.export._spec:ExportSpec",
+    "compress": "mlplatform.compress._spec:CompressSpec",
     # A hyperparameter search; its `train:` names a TrainSpec YAML relative to the tune spec.
     "tune": "mlplatform.tune.spec:TuneSpec",
     # A Serve config file; each application's `args:` is a ServeSpec (what build_app validates).
@@ -31,6 +32,7 @@ SHIPPED: dict[str, str] = {
     "cluster_configs/residency/*.yaml": "residency",
     "cluster_configs/prices/*.yaml": "prices",
     "jobs/configs/export-*.yaml": "export",
+    "jobs/configs/compress-*.yaml": "compress",
     "jobs/configs/tune-*.yaml": "tune",
     "jobs/configs/*.yaml": "train",
     "serve_apps/*.yaml": "serve",

@@ -67,6 +67,7 @@ sys.path.insert(0, str(TESTS))  # tests/: conftest.free_port, serve_models
 P99_BUDGET_MS = 100.0
 CONCURRENCY_SWEEP = (1, 2, 4, 8, 16, 32, 64)
 APPS = ("platform", "platform-b1", "platform-split", "bare-torch", "bare-int8")
+V2_INPUT = "input"  # the registered test model's input name (tests/serve_models.py signature)
 MODELS = {
     # name: (hidden widths, description)
     "digits": ((128, 64), "digits MLP 64-128-64-10 (17k params, the shipped model's shape)"),
@@ -78,14 +79,19 @@ MODELS = {
 # --- the client (runs in its own process: `bench_serve.py --client ...`) ---
 
 
-async def _load(url: str, key: str, rows: list[list[float]], concurrency: int, seconds: float, warmup: float) -> dict:
+async def _load(url: str, key: str, rows: list[list[float]], concurrency: int, seconds: float, warmup: float,
+                v2_input: str | None = None) -> dict:
     import aiohttp
 
     latencies: list[float] = []
     batch_rows: list[int] = []
     codes: dict[int, int] = {}
     headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
-    bodies = [json.dumps({"inputs": [r]}).encode() for r in rows]
+    if v2_input:  # Open Inference Protocol: one FP32 tensor [1, 64] named as the model's input
+        bodies = [json.dumps({"inputs": [{"name": v2_input, "shape": [1, len(r)], "datatype": "FP32", "data": r}]}).encode()
+                  for r in rows]
+    else:
+        bodies = [json.dumps({"inputs": [r]}).encode() for r in rows]
     start = time.perf_counter()
     measure_from, stop_at = start + warmup, start + warmup + seconds
     # https:// verified against the cluster's CA (RAY_TLS_CA_CERT, inherited from the bench process).
@@ -111,6 +117,10 @@ async def _load(url: str, key: str, rows: list[list[float]], concurrency: int, s
                 n += concurrency
 
         await asyncio.gather(*(worker(i) for i in range(concurrency)))
+    return _summary(latencies, seconds, codes, batch_rows)
+
+
+def _summary(latencies: list[float], seconds: float, codes: dict, batch_rows: list[int]) -> dict:
     q = statistics.quantiles(latencies, n=100, method="inclusive") if len(latencies) > 1 else [0.0] * 99
     return {
         "requests": len(latencies), "throughput": len(latencies) / seconds, "codes": codes,
@@ -120,17 +130,71 @@ async def _load(url: str, key: str, rows: list[list[float]], concurrency: int, s
     }
 
 
+def _triton_load(url: str, key: str, rows: list[list[float]], concurrency: int, seconds: float, warmup: float,
+                 v2_input: str) -> dict:
+    """The same closed loop through the official tritonclient.http, unchanged: `url` is
+    scheme://host:port/<route prefix>/v2/models/<name>/infer, split into what the client takes."""
+    from collections import deque
+    from urllib.parse import urlsplit
+
+    import tritonclient.http as triton
+
+    parts = urlsplit(url)
+    base, model = parts.path.split("/v2/models/")
+    model = model.split("/")[0]
+    https = parts.scheme == "https"
+    client = triton.InferenceServerClient(
+        f"{parts.netloc}{base}", concurrency=concurrency, ssl=https,
+        ssl_options={"ca_certs": os.environ["RAY_TLS_CA_CERT"]} if https and os.environ.get("RAY_TLS_CA_CERT") else None)
+    headers = {"Authorization": f"Bearer {key}"}
+
+    def request(n: int):
+        tensor = triton.InferInput(v2_input, [1, len(rows[0])], "FP32")
+        tensor.set_data_from_numpy(np.asarray([rows[n % len(rows)]], dtype=np.float32))
+        return time.perf_counter(), client.async_infer(model, [tensor], headers=headers)
+
+    latencies: list[float] = []
+    codes: dict[int, int] = {}
+    start = time.perf_counter()
+    measure_from, stop_at = start + warmup, start + warmup + seconds
+    pending = deque(request(i) for i in range(concurrency))
+    n = concurrency
+    while pending:
+        t0, call = pending.popleft()
+        try:
+            call.get_result()
+            status = 200
+        except Exception as e:  # InferenceServerException carries the HTTP status
+            status = int(getattr(e, "status", lambda: 0)() or 0) or 599
+        t1 = time.perf_counter()
+        if t0 >= measure_from:
+            latencies.append((t1 - t0) * 1000)
+            codes[status] = codes.get(status, 0) + 1
+        if t1 < stop_at:
+            pending.append(request(n))
+            n += 1
+    client.close()
+    return _summary(latencies, seconds, codes, [])
+
+
 def client_main(a: argparse.Namespace) -> None:
     rows = json.loads(Path(a.rows).read_text())
-    print(json.dumps(asyncio.run(_load(a.client, a.key, rows, a.concurrency, a.seconds, a.warmup))))
+    if a.triton:
+        print(json.dumps(_triton_load(a.client, a.key, rows, a.concurrency, a.seconds, a.warmup, a.v2_input)))
+        return
+    print(json.dumps(asyncio.run(_load(a.client, a.key, rows, a.concurrency, a.seconds, a.warmup, a.v2_input))))
 
 
 def measure(url: str, key: str, rows_file: Path, concurrency: int, seconds: float, warmup: float = 1.0,
-            cpu_of: tuple[str, ...] = ()) -> dict:
+            cpu_of: tuple[str, ...] = (), v2_input: str | None = None, triton: bool = False) -> dict:
     """One closed-loop run from a fresh client process. `cpu_of`: Ray process titles (e.g.
-    "ProxyActor", "ServeReplica:app:ingress") whose CPU time per request to report."""
+    "ProxyActor", "ServeReplica:app:ingress") whose CPU time per request to report. `v2_input`:
+    send Open Inference Protocol bodies with this input name (to a /v2/models/NAME/infer URL);
+    `triton`: and send them with tritonclient.http."""
     command = [sys.executable, __file__, "--client", url, "--key", key, "--rows", str(rows_file),
                "--concurrency", str(concurrency), "--seconds", str(seconds), "--warmup", str(warmup)]
+    command += ["--v2-input", v2_input] if v2_input else []
+    command += ["--triton"] if triton else []
     client = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     time.sleep(warmup)  # CPU is counted over the measured seconds only
     before = _cpu_seconds(cpu_of)
@@ -249,11 +313,13 @@ def deploy(model: str, widths: tuple[int, ...], work: Path, port: int) -> dict[s
         name = f"{model}-{suffix}"
         spec = {**base, "name": name, "limits": {"max_rows": batch}, "primary": {
             "replicas": 1, "num_cpus": 1, "label_selector": {"ray.io/node-group": "head"},
-            "batching": {"max_batch_size": batch, "batch_wait_timeout_s": 0.005}}}
+            "batching": {"max_batch_size": batch, "batch_wait_timeout_s": 0.001}}}
         # Colocated (as serve_apps/digits-cpu.yaml ships): one replica holds ingress and model.
         spec["ingress"] = {"colocate": True} if colocate else {"replicas": 1, "num_cpus": 0.25}
         serve.run(build_app(spec), name=name, route_prefix=f"/{name}", blocking=False)
         apps[suffix] = f"/{name}/v1/predict"
+        if suffix == "platform":  # the same app through the Open Inference Protocol endpoint
+            apps["platform-v2"] = f"/{name}/v2/models/{name}/infer"
     int8 = next((work / "artifacts").glob(f"{model}-*")) / "model.int8.onnx"
     one_cpu = {"ray_actor_options": {"num_cpus": 1}}
     serve.run(serve.deployment(BareTorch).options(**one_cpu).bind(layers(weights)),
@@ -315,6 +381,16 @@ def bench_model(model: str, urls: dict[str, str], keys: dict[str, str], rows: Pa
                                        f"ServeReplica:{model}-platform-split:primary"))
     bare = run("bare-int8", 16, ("ProxyActor", f"ServeReplica:{model}-bare-int8:"))
     cpu, split_cpu, bare_cpu = (r["cpu_ms_per_request"] for r in (batched, split, bare))
+    # The same app through /v2/models/NAME/infer, by aiohttp and by tritonclient.http (p50 at c=1, req/s at c=16).
+    v2 = {}
+    for label, triton in (("v2", False), ("triton", True)):
+        for c in (1, 16):
+            try:
+                r = measure(urls["platform-v2"], keys["platform"], rows, c, seconds, v2_input=V2_INPUT, triton=triton)
+                v2[f"{label}_c{c}"] = r
+            except Exception as e:  # the endpoint missing or refusing: report, keep the other figures
+                print(f"# {model} {label} c={c} failed: {str(e)[-300:]}", flush=True)
+                v2[f"{label}_c{c}"] = {"p50_ms": float("nan"), "throughput": float("nan"), "p99_ms": float("nan")}
     return {
         "platform_rps": platform[0], "platform_c": platform[1], "torch_rps": torch_[0], "torch_c": torch_[1],
         "budget_ratio": platform[0] / torch_[0] if torch_[0] else float("inf"),
@@ -331,6 +407,8 @@ def bench_model(model: str, urls: dict[str, str], keys: dict[str, str], rows: Pa
         "cpu_split_proxy": split_cpu["ProxyActor"], "cpu_split_ingress": split_cpu[f"ServeReplica:{model}-platform-split:ingress"],
         "cpu_split_model": split_cpu[f"ServeReplica:{model}-platform-split:primary"],
         "cpu_bare_proxy": bare_cpu["ProxyActor"], "cpu_bare_replica": bare_cpu[f"ServeReplica:{model}-bare-int8:"],
+        "bare_int8_p50_c16": bare["p50_ms"],
+        **{f"{k}_{f}": r[f] for k, r in v2.items() for f in ("p50_ms", "throughput", "p99_ms")},
     }
 
 
@@ -345,6 +423,8 @@ def main() -> None:
     p.add_argument("--rows", help=argparse.SUPPRESS)
     p.add_argument("--concurrency", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--warmup", type=float, default=1.0, help=argparse.SUPPRESS)
+    p.add_argument("--v2-input", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--triton", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.client:
         return client_main(a)
@@ -405,7 +485,7 @@ def report(results: dict[str, list[dict]], offline: dict[str, float], names: lis
         return statistics.median(r[k] for r in results[m])
 
     print("\n| model | platform INT8+batching req/s (p99 ≤ 100 ms) | bare torch FP32 req/s (p99 ≤ 100 ms) "
-          "| ratio (goal ≥ 4×) | p50 at c=1, ms: bare INT8 / platform-b1 / platform / split | overhead p50 ratio "
+          "| P2 ratio (goal ≥ 4×) | p50 at c=1, ms: bare INT8 / platform-b1 / platform / split | P3 overhead p50 ratio "
           "(goal ≤ 1.1×) | added p50 (ms) | noop p50 (ms) | batched ÷ unbatched req/s at c=16 | offline b32 ÷ b1 "
           "| share of offline (goal ≥ 80%) | mean batch rows at c=16 |")
     print("|" + "---|" * 12)
@@ -416,6 +496,15 @@ def report(results: dict[str, list[dict]], offline: dict[str, float], names: lis
               f"{med(m, 'p50_platform'):.1f} / {med(m, 'p50_split'):.1f} | **{med(m, 'overhead_ratio'):.2f}×** "
               f"| {med(m, 'overhead_ms'):.1f} | {med(m, 'p50_noop'):.1f} | **{ratio:.2f}×** | {speed:.1f}× "
               f"| {ratio / speed:.0%} | {med(m, 'batch_rows_mean'):.1f} |")
+    print("\nThe same app through the Open Inference Protocol (POST /v2/models/NAME/infer), one FP32 [1, 64] "
+          "tensor per request: p50 at c=1 (ms) and req/s / p99 (ms) at c=16\n")
+    print("| model | /v1/predict p50 c=1 | /v2 infer p50 c=1 | tritonclient p50 c=1 | /v1/predict c=16 "
+          "| /v2 infer c=16 | tritonclient c=16 |")
+    print("|---|---|---|---|---|---|---|")
+    for m in names:
+        print(f"| {m} | {med(m, 'p50_platform'):.1f} | {med(m, 'v2_c1_p50_ms'):.1f} | {med(m, 'triton_c1_p50_ms'):.1f} "
+              f"| {med(m, 'batched_rps'):.0f} / {med(m, 'batched_p99'):.0f} | {med(m, 'v2_c16_throughput'):.0f} / "
+              f"{med(m, 'v2_c16_p99_ms'):.0f} | {med(m, 'triton_c16_throughput'):.0f} / {med(m, 'triton_c16_p99_ms'):.0f} |")
     print("\nCPU ms per request at concurrency 16 (proxy + replicas; the client and Ray's own daemons excluded):\n")
     print("| model | platform colocated: proxy + replica = total (req/s) | platform split: proxy + ingress + model "
           "= total (req/s) | bare INT8: proxy + replica = total (req/s) |")

@@ -8,19 +8,9 @@ import uuid
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, submit_job
 
 pytestmark = pytest.mark.timeout(900)
-
-
-def submit(cluster, *args):
-    ray_cli = os.path.join(os.path.dirname(sys.executable), "ray")
-    result = subprocess.run(
-        [ray_cli, "job", "submit", "--working-dir", ".", "--", "python", *args],
-        cwd=REPO, env={**os.environ, **cluster.env()}, capture_output=True, text=True, timeout=800,
-    )
-    assert result.returncode == 0 and "succeeded" in result.stdout, (result.stdout + result.stderr)[-4000:]
-    return result.stdout
 
 
 def test_train_register_export_through_job_submit(three_region_cluster, restricted_tmp, monkeypatch):
@@ -30,7 +20,7 @@ def test_train_register_export_through_job_submit(three_region_cluster, restrict
 
     # A fresh run name: the shipped one may hold a finished run, which would resume and train nothing.
     run = f"digits-e2e-{uuid.uuid4().hex[:8]}"
-    out = submit(three_region_cluster, "jobs/train.py", "--config", "jobs/configs/digits.yaml", "--name", run)
+    out = submit_job(three_region_cluster, "jobs/train.py", "--config", "jobs/configs/digits.yaml", "--name", run)
     # The job's log (what `ray job logs` prints under its own header): plain text, no progress bars'
     # cursor moves (ESC[A) nor coloured worker prefixes.
     from ray.job_submission import JobSubmissionClient
@@ -62,11 +52,11 @@ def test_train_register_export_through_job_submit(three_region_cluster, restrict
 
     root = str(restricted_tmp / "registry")  # restricted models live inside the policy's prefixes
     trained = registry.register(artifact, "digits", root=root)
-    out = submit(
+    out = submit_job(
         three_region_cluster, "jobs/export.py", "--model", trained.ref, "--quantize", "int8",
         "--config", "jobs/configs/export-digits.yaml", "--root", root,
     )
-    assert "onnx_int8  DEPLOYABLE" in out, out[-3000:]
+    assert re.search(r"onnx_int8 +DEPLOYABLE", out), out[-3000:]
     # The exported version is restricted: encrypted, its lineage sealed under the cluster's key, which
     # this process holds as the cluster's client (MLPLATFORM_CLUSTER names whose key).
     monkeypatch.setenv("MLPLATFORM_CLUSTER", three_region_cluster.name)
@@ -78,7 +68,9 @@ def test_train_register_export_through_job_submit(three_region_cluster, restrict
     fetched = restricted_tmp / "fetched"
     registry.fetch(exported.ref, fetched, root=root)
     report = ExportReport.from_json(json.loads((fetched / "export_report.json").read_text()))
-    assert report.deployable == {"onnx_fp32": True, "onnx_int8": True}
+    assert report.deployable == {"onnx_fp32": True, "onnx_int8": True, "onnx_int8_qdq": True}
+    # Measured on the `cpu` node group (jobs/configs/export-digits.yaml), as `variant: auto` reads it.
+    assert [b.node_group for b in report.benchmarks] == ["cpu"]
 
 
 def ran_only_in_the_uae(cluster, run: str) -> None:

@@ -20,6 +20,24 @@ from serve_models import digits_data, https_options, register_digits, run_onnx
 pytestmark = pytest.mark.timeout(600)
 
 
+def _rows(batch: int, **speeds: float) -> list[dict]:
+    return [{"runtime": r, "batch_size": batch, "p50_ms": 0.1, "p99_ms": 0.2, "throughput": t, "runs": 100}
+            for r, t in speeds.items()]
+
+
+# What `mlplatform export` records (lineage.extra.export), as measured on two node groups: on the `cpu`
+# group (VNNI) INT8 is fastest at batch 32, on `gpu` (AVX2 only) FP32 is. The shipped config says
+# `variant: auto` on the cpu group at max_batch_size 32, so it must pick onnx_int8 by these numbers.
+_CPU = {"model": "test", "logical_cpus": 4, "avx2": True, "avx512": True, "vnni": True, "amx": False}
+EXPORT_RECORD = {"deployable": {"onnx_fp32": True, "onnx_int8": True}, "benchmarks": [
+    {"node_group": "gpu", "cpu": {**_CPU, "avx512": False, "vnni": False}, "threads": 2,
+     "rows": _rows(32, torch_fp32=2e4, onnx_fp32=4e5, onnx_int8=1e5)},
+    {"node_group": "cpu", "cpu": _CPU, "threads": 2,
+     "rows": _rows(8, torch_fp32=1e4, onnx_fp32=9e4, onnx_int8=5e4) + _rows(32, torch_fp32=2e4, onnx_fp32=2e5,
+                                                                           onnx_int8=4.1e5)},
+]}
+
+
 def _serve_cli(args: list[str], cluster) -> subprocess.CompletedProcess:
     env = {**os.environ, **cluster.env(), "RAY_DASHBOARD_ADDRESS": cluster.dashboard_url}
     serve = Path(sys.executable).with_name("serve")
@@ -48,7 +66,7 @@ def deployed(three_region_cluster, tmp_path_factory):
     from mlplatform.cluster import connect
 
     work = tmp_path_factory.mktemp("serve-deploy")
-    register_digits(work / "registry", work / "artifacts")
+    register_digits(work / "registry", work / "artifacts", lineage={"extra": {"export": EXPORT_RECORD}})
     # The shipped config with this test's registry, key directory and a free port.
     config = yaml.safe_load((REPO / "serve_apps/digits-cpu.yaml").read_text())
     port = free_port()
@@ -99,6 +117,19 @@ def test_serve_deploy_serves_the_shipped_config_with_keys(deployed):
     # uae-restricted (as shipped): the replicas and the HTTP proxy carrying its requests stay in the UAE.
     proxies = [a for a in list_actors(filters=[("state", "=", "ALIVE"), ("class_name", "=", "ProxyActor")], detail=True)]
     assert proxies and {labels[a.node_id]["ray.io/availability-region"] for a in replicas + proxies} == {"me-central-1"}
+
+
+def test_serve_status_shows_the_variant_auto_chose_and_why(deployed, three_region_cluster):
+    """`mlplatform serve status` (the console script) names the variant and the measured numbers it won by."""
+    env = {**os.environ, **three_region_cluster.env(), "RAY_DASHBOARD_ADDRESS": three_region_cluster.dashboard_url}
+    cli = Path(sys.executable).with_name("mlplatform")
+    out = subprocess.run([str(cli), "serve", "status"], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    ingress = json.loads(out.stdout)["digits-cpu"]["deployments"]["ingress"]  # colocated: the model is in it
+    assert ingress["variant"] == "onnx_int8"
+    assert ingress["variant_reason"].startswith("onnx_int8: 410k rows/s at batch 32 on node group cpu "
+                                                "(AVX2, AVX-512, VNNI), vs onnx_fp32 200k"), ingress
+    assert ingress["ort_options"]["intra_op_num_threads"] == 1  # num_cpus 1 as shipped
 
 
 def test_serve_deploy_with_bad_args_fails_with_the_spec_error(deployed, three_region_cluster):

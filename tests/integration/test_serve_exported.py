@@ -25,15 +25,20 @@ ROWS = 32  # one request of the validation split: the builder's default limits.m
 
 @pytest.fixture(scope="module")
 def exported(trained_digits, tmp_path_factory):
-    """The trained artifact registered and exported (ONNX FP32 + INT8, gated) in a registry of its own:
-    (registry root, exported version, its export report, the fetched version's directory)."""
+    """The trained artifact registered and exported (every candidate, gated, benchmarked) in a registry
+    of its own: (registry root, exported version, its export report, the fetched version's directory).
+    Benchmarked in this process: see below."""
     from mlplatform import registry
     from mlplatform.export import ExportReport, export_model, make_spec
 
     work = tmp_path_factory.mktemp("serve-exported")
     root = str(work / "registry")
     trained = registry.register(trained_digits, "digits", root=root)
-    export_model(trained.ref, make_spec(REPO / "jobs/configs/export-digits.yaml"), root=root)
+    spec = make_spec(REPO / "jobs/configs/export-digits.yaml")
+    # In this process, unconnected (no residency confinement of this test's tmp registry):
+    # test_benchmark_runs_on_the_named_node_group covers the per-group Ray task.
+    spec = spec.model_copy(update={"benchmark": spec.benchmark.model_copy(update={"node_groups": []})})
+    export_model(trained.ref, spec, root=root)
     version = registry.resolve("digits@latest", root=root)
     fetched = work / "fetched"
     registry.fetch(version.ref, fetched, root=root)
@@ -109,6 +114,39 @@ def test_exported_int8_variant_serves_the_trained_model(three_region_cluster, ex
     # the gate's batches; the gate's own figures are the export tests' business.)
     agreement = next(c.limit for c in int8.checks if c.metric == "top1_agreement")
     assert (served.argmax(1) == torch_out.argmax(1)).mean() >= agreement
+
+
+def test_benchmark_runs_on_the_named_node_group(ray_on_three_region, trained_digits, tmp_path):
+    """`benchmark.node_groups` while connected: one Ray task per group, numbers from that node."""
+    from mlplatform.export import ExportSpec, export_artifact
+
+    spec = ExportSpec(static_qdq=False, benchmark={"seconds_per_case": 0.05, "warmup_runs": 1, "batch_sizes": [32],
+                                                   "node_groups": ["cpu"]})
+    report = export_artifact(trained_digits, tmp_path / "out", spec, bench_on={"cpu": {"ray.io/node-group": "cpu"}})
+    (bench,) = report.benchmarks
+    assert bench.node_group == "cpu" and bench.threads == 2  # the task read its node's label
+    assert {(r.runtime, r.batch_size) for r in bench.rows} == {("torch_fp32", 32), ("onnx_fp32", 32), ("onnx_int8", 32)}
+    assert report.benchmark == bench.rows and all(r.throughput > 0 for r in bench.rows)
+
+
+def test_auto_serves_the_fastest_gated_variant_by_the_exports_numbers(three_region_cluster, exported, validation):
+    from mlplatform.serve._variant import choose
+
+    root, version, report, fetched = exported
+    x, _ = validation
+    (bench,) = report.benchmarks
+    assert bench.node_group is None  # measured in the export's process (not connected)
+    assert {r.runtime for r in bench.rows} == {"torch_fp32", *report.deployable}
+    want = choose(version.lineage.extra["export"], "cpu", 32, version.ref, "primary", local_cpu=bench.cpu.__dict__)
+    assert "nearest is the export's machine" in want.reason
+    spec = _spec("exported-auto", root, version, ingress={"colocate": True}, primary={
+        "variant": "auto", "label_selector": {"ray.io/node-group": "cpu"}, "replicas": 1})
+    response = _serve(three_region_cluster, spec, {"ingress": {"ray.io/node-group": "cpu"}}, x)
+    assert response.status_code == 200, response.text
+    assert response.headers["X-Served-By"] == f"primary/{want.variant}", want.reason
+    file = {"onnx_fp32": "model.onnx", "onnx_int8": "model.int8.onnx", "onnx_int8_qdq": "model.int8.qdq.onnx"}
+    np.testing.assert_allclose(np.asarray(response.json()["outputs"], np.float32),
+                               run_onnx(fetched / file[want.variant], x), rtol=1e-5, atol=1e-5)
 
 
 def test_torch_variant_serves_the_trained_model_on_cpu(three_region_cluster, exported, validation):

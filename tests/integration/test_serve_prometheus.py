@@ -38,7 +38,8 @@ def test_serving_metrics_reach_prometheus(prometheus, three_region_cluster, tmp_
     spec = {
         "name": "metered", "model": "digits@production", "registry_root": str(root),
         "primary": {"replicas": 1, "num_cpus": 0.5, "label_selector": {"ray.io/node-group": "cpu"},
-                    "batching": {"max_batch_size": 16, "batch_wait_timeout_s": 0.02}},
+                    "batching": {"max_batch_size": 16, "batch_wait_timeout_s": 0.02},
+                    "cache": {"enabled": True, "max_bytes": 1 << 20}},
         "ingress": {"replicas": 1, "num_cpus": 0.1}, "auth": {"keys_dir": str(keys)}, "limits": {"max_rows": 16},
     }
     try:
@@ -55,6 +56,13 @@ def test_serving_metrics_reach_prometheus(prometheus, three_region_cluster, tmp_
             codes = list(pool.map(one, range(80)))
         assert set(codes) == {200}
         assert requests.post(base, json={"inputs": [[0.0] * 3]}, headers={"X-API-Key": key}, timeout=30).status_code == 422
+        # The response cache (on for this app): a repeated request is answered without the model
+        # (X-Batch-Rows 0: it joined no batch), with the same outputs.
+        first = requests.post(base, json={"inputs": [x[0].tolist()]}, headers={"X-API-Key": key}, timeout=30)
+        again = [requests.post(base, json={"inputs": [x[0].tolist()]}, headers={"X-API-Key": key}, timeout=30)
+                 for _ in range(3)]
+        assert all(r.json()["outputs"] == first.json()["outputs"] for r in again)
+        assert [r.headers["X-Batch-Rows"] for r in again] == ["0"] * 3
 
         ok = _until(prometheus, 'ray_mlplatform_serve_requests_total{app="metered",code="200"}',
                     lambda r: sum(float(s["value"][1]) for s in r) >= 80)
@@ -68,8 +76,15 @@ def test_serving_metrics_reach_prometheus(prometheus, three_region_cluster, tmp_
         assert calls[0]["metric"]["version"] == "digits@1" and float(calls[0]["value"][1]) > 0
         buckets = _query(prometheus, 'ray_mlplatform_serve_batch_rows_bucket{app="metered",deployment="primary"}')
         assert {float(s["metric"]["le"]) for s in buckets} >= {1.0, 16.0, float("inf")}
-        # Exact rows: 80 one-row requests reached the model; the 422 never did. (The histogram's
-        # _sum is not asserted: Ray 2.60 rebuilds histograms from bucket midpoints.)
+        hits = _until(prometheus, 'ray_mlplatform_serve_cache_requests_total{app="metered",result="hit"}',
+                      lambda r: sum(float(s["value"][1]) for s in r) >= 4)
+        assert hits[0]["metric"]["deployment"] == "primary" and hits[0]["metric"]["version"] == "digits@1"
+        _until(prometheus, 'ray_mlplatform_serve_cache_requests_total{app="metered",result="miss"}',
+               lambda r: sum(float(s["value"][1]) for s in r) == 80)
+        _until(prometheus, 'ray_mlplatform_serve_cache_bytes{app="metered"}',
+               lambda r: any(float(s["value"][1]) > 0 for s in r))
+        # Exact rows: 80 one-row requests reached the model; the 422 and the 4 cache hits never did.
+        # (The histogram's _sum is not asserted: Ray 2.60 rebuilds histograms from bucket midpoints.)
         _until(prometheus, 'ray_mlplatform_serve_rows_total{app="metered",deployment="primary"}',
                lambda r: sum(float(s["value"][1]) for s in r) == 80)
     finally:

@@ -89,6 +89,8 @@ def test_zero_stage_trains_digits_to_the_bar(ray_on_three_region, restricted_tmp
     ]
 
 
+# About 70 s (a worker killed mid-run, the group restarted): with `make test-slow`.
+@pytest.mark.slow
 def test_worker_killed_from_outside_resumes_from_the_newest_complete_checkpoint(ray_on_three_region, restricted_tmp):
     # A Ray Train worker SIGKILLed mid-run (its pid read from Ray's state API). Ray Train registers
     # a checkpoint only at its next poll, so the run must resume from the newest checkpoint whose

@@ -54,7 +54,7 @@ def exported(digits_registry) -> ExportReport:
 
 def test_export_registers_next_version_with_both_variants_deployable(digits_registry, exported):
     assert exported.source_ref == "digits@1" and exported.version_ref == "digits@2"
-    assert exported.deployable == {"onnx_fp32": True, "onnx_int8": True}
+    assert exported.deployable == {"onnx_fp32": True, "onnx_int8": True, "onnx_int8_qdq": True}
     assert exported.quantization == "dynamic" and exported.opset == 18
     fp32, int8 = exported.variant("onnx_fp32"), exported.variant("onnx_int8")
     assert fp32.metrics["top1_agreement"] >= 0.999
@@ -66,10 +66,14 @@ def test_export_registers_next_version_with_both_variants_deployable(digits_regi
     parent, child = registry.resolve("digits@1", root=digits_registry), registry.resolve("digits@2", root=digits_registry)
     parent_files = {f.path: f.sha256 for f in parent.files}
     child_files = {f.path: f.sha256 for f in child.files}
-    assert set(child_files) == set(parent_files) | {"model.onnx", "model.int8.onnx", "export_report.json"}
+    assert set(child_files) == set(parent_files) | {"model.onnx", "model.int8.onnx", "model.int8.qdq.onnx",
+                                                    "export_report.json"}
     assert all(child_files[p] == h for p, h in parent_files.items())  # source files unchanged
     assert child.lineage.extra["exported_from"] == "digits@1"
-    assert child.lineage.extra["export"]["deployable"] == {"onnx_fp32": True, "onnx_int8": True}
+    assert child.lineage.extra["export"]["deployable"] == exported.deployable
+    # What `variant: auto` chooses by: rows/s per runtime and batch size, with the CPU's flags.
+    (bench,) = child.lineage.extra["export"]["benchmarks"]
+    assert bench["threads"] == 2 and "vnni" in bench["cpu"] and len(bench["rows"]) == len(exported.benchmark)
     assert child.lineage.input_signature == parent.lineage.input_signature
     assert child.lineage.metrics["val_accuracy"] == parent.lineage.metrics["val_accuracy"]
     assert child.lineage.metrics["onnx_int8_top1_agreement"] == int8.metrics["top1_agreement"]
@@ -80,7 +84,7 @@ def test_report_is_stored_with_the_version_and_has_the_benchmark(digits_registry
     stored = ExportReport.from_json(json.loads((tmp_path / "v2" / "export_report.json").read_text()))
     assert stored.variants == exported.variants and stored.version_ref is None  # written before registration
     cases = {(r.runtime, r.batch_size) for r in stored.benchmark}
-    assert cases == {(rt, b) for rt in ("torch_fp32", "onnx_fp32", "onnx_int8") for b in (1, 8, 32)}
+    assert cases == {(rt, b) for rt in ("torch_fp32", "onnx_fp32", "onnx_int8", "onnx_int8_qdq") for b in (1, 8, 32)}
     assert all(r.throughput > 0 and r.p99_ms >= r.p50_ms for r in stored.benchmark)
     assert stored.threads == 2 and stored.cpu.logical_cpus >= 1
     text = format_report(exported)

@@ -8,9 +8,13 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO
 
 
+# 80 s on 2 cores: with `make test-slow` (CI runs it right after `make test`), so it still cannot rot.
+@pytest.mark.slow
 def test_gpu_check_dry_run_on_cpu(tmp_path):
     out = tmp_path / "out"
     env = {**os.environ, "PYTHON": sys.executable}

@@ -94,6 +94,8 @@ def test_groups_keep_their_place_labels_and_auth():
                    "MLPLATFORM_CLUSTER": "three-region", "MLPLATFORM_RESIDENCY_POLICY": residency.encode(policy),
                    # and every worker process there starts under the residency guard
                    **residency.guard.node_env(),
+                   # Serve's cluster-wide switches (cluster spec `serve`), stated on every node as local nodes get them
+                   **spec.serve.node_env(),
                    # Ray's internal mutual TLS with the pod's own certificate (test_tls_... below)
                    **TLS_ENV}
     # Prometheus scrapes every pod's `metrics` port, which Ray exports on.

@@ -111,7 +111,7 @@ def test_unknown_or_ambiguous_content_is_one_clear_error(text, says, tmp_path, c
     assert says in str(e.value)
     assert main(["validate", str(stray)]) == 1
     err = capsys.readouterr().err
-    assert err.count("error:") == 1 and "--kind (cluster, residency, prices, train, export, tune, serve)" in err
+    assert err.count("error:") == 1 and "--kind (cluster, residency, prices, train, export, compress, tune, serve)" in err
 
 
 def test_every_file_is_reported_even_when_one_cannot_be_told(tmp_path, capsys):

@@ -9,6 +9,8 @@ raw columns or text into model inputs from here, so the three can never disagree
     reference_sample.parquet  the first training inputs (raw columns): drift reference, INT8 calibration
     model.onnx                ONNX FP32 (export)
     model.int8.onnx           ONNX INT8 (export)
+    model.int8.qdq.onnx       ONNX INT8, static QDQ (export)
+    model.pruned[.int8].onnx  a compressed student, FP32 / INT8 (export; also `distilled`)
     export_report.json        gates, deployable variants, benchmark (export)
 """
 
@@ -25,12 +27,20 @@ METADATA = "metadata.json"
 SAMPLE = "reference_sample.parquet"
 ONNX_FP32 = "model.onnx"
 ONNX_INT8 = "model.int8.onnx"
+ONNX_INT8_QDQ = "model.int8.qdq.onnx"
 EXPORT_REPORT = "export_report.json"
+# Compressed students of the model (jobs/compress.py), exported beside it: model.<kind>.onnx and
+# model.<kind>.int8.onnx, served as <kind>_onnx_fp32 / <kind>_onnx_int8.
+STUDENT_KINDS = ("pruned", "distilled")
+STUDENT_FILES = {f"{k}_onnx_fp32": f"model.{k}.onnx" for k in STUDENT_KINDS} | {
+    f"{k}_onnx_int8": f"model.{k}.int8.onnx" for k in STUDENT_KINDS
+}
 
-# Files an export adds: a re-export of an exported version replaces them.
-EXPORT_FILES = frozenset({ONNX_FP32, ONNX_INT8, EXPORT_REPORT})
 # The file each servable variant runs.
-VARIANT_FILES = {"onnx_int8": ONNX_INT8, "onnx_fp32": ONNX_FP32, "torch": WEIGHTS}
+VARIANT_FILES = {"onnx_int8": ONNX_INT8, "onnx_fp32": ONNX_FP32, "onnx_int8_qdq": ONNX_INT8_QDQ,
+                 **STUDENT_FILES, "torch": WEIGHTS}
+# Files an export adds: a re-export of an exported version replaces them.
+EXPORT_FILES = frozenset({*(f for v, f in VARIANT_FILES.items() if v != "torch"), EXPORT_REPORT})
 
 # ---- tokenizer: byte-level, so there is no vocabulary file to ship or lose.
 VOCAB_SIZE = 256

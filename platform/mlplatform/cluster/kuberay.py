@@ -88,6 +88,7 @@ def render_raycluster(
     KubeRay hands to every Ray container; users read it from there to connect.
     """
     env = [{"name": residency.CLUSTER_ENV, "value": spec.name}, _METADATA_URL]
+    env += [{"name": name, "value": value} for name, value in spec.serve.node_env().items()]
     if policy is not None:
         env.append({"name": residency.POLICY_ENV, "value": residency.encode(policy)})
         env += [{"name": name, "value": value} for name, value in guard.node_env().items()]

@@ -64,7 +64,7 @@ def render_launcher(
     """
     _check(spec)
     region = spec.head.region
-    env = {residency.CLUSTER_ENV: spec.name, "RAY_AUTH_MODE": "token"}
+    env = {residency.CLUSTER_ENV: spec.name, "RAY_AUTH_MODE": "token", **spec.serve.node_env()}
     if policy is not None:
         env[residency.POLICY_ENV] = residency.encode(policy)
         env.update(guard.node_env())

@@ -204,6 +204,7 @@ def _up(spec: ClusterSpec, config: str, timeout_s: float) -> LocalCluster:
     # Every Ray worker process on every node inherits the policy: no job can leave it out.
     env.pop(residency.POLICY_ENV, None)
     env[residency.CLUSTER_ENV] = spec.name
+    env.update(spec.serve.node_env())  # read by Serve when its processes start: set here, on every node
     for name in guard.node_env():
         env.pop(name, None)
     if policy is not None:

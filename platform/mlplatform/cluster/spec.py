@@ -171,6 +171,40 @@ class AutoscalerSettings(Spec):
     )
 
 
+class ServeSettings(Spec):
+    """Ray Serve's cluster-wide switches: environment variables every node gets at `ray start`."""
+
+    throughput_optimized: bool = Field(
+        False,
+        description="RAY_SERVE_THROUGHPUT_OPTIMIZED=1 on every node: replicas run user code on their event loop "
+        "and the router in the main loop, the proxy calls replicas over gRPC, Serve stops writing a stderr line "
+        "per request and freezes the garbage collector after start-up. Off by default because it did not win "
+        "here: through the same HTTPS proxy, two interleaved pairs on 2 cores (tests/benchmarks/"
+        "bench_serve_hop.py, BENCHMARKS.md) gave the digits app 0.98x / 0.87x the requests/s at concurrency 1 "
+        "and 0.91x / 0.78x at 8, and a no-op deployment 0.94-1.15x; the proxy hop, which it does not remove, "
+        "is most of a request's CPU. Costs if on: blocking user code stalls a replica's loop (the platform runs "
+        "models in threads) and Serve's logs reach files only, not stderr. Direct ingress, which 2.60's "
+        "throughput mode would also turn on, stays as `direct_ingress` says.",
+    )
+    direct_ingress: bool = Field(
+        False,
+        description="RAY_SERVE_ENABLE_DIRECT_INGRESS=1: each ingress replica also serves HTTP(S) itself on a port "
+        "of 30000-31000 (same TLS certificate, same API keys and contract), beside the Serve proxy's port, which "
+        "still works. Straight to a replica's port the digits app served 4-5x the requests/s of the proxy path at "
+        "concurrency 8 on 2 cores (bench_serve_hop.py): the proxy hop is most of a request's CPU. Off by default: "
+        "clients must find the replicas' ports (they change when replicas move), Ray 2.60's HAProxy front for "
+        "them has no TLS, and every replica stop waits a 30 s drain.",
+    )
+
+    def node_env(self) -> dict[str, str]:
+        """The variables each node's `ray start` gets (local nodes, KubeRay containers, launcher VMs)."""
+        # 2.60's throughput mode turns direct ingress on unless told otherwise: say which, always.
+        return {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1" if self.throughput_optimized else "0",
+                "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1" if self.direct_ingress else "0",
+                # The proxy replays a request whose replica died, then answers 503, never 500 (serve/_proxy.py).
+                "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": "mlplatform.serve._proxy:middlewares"}
+
+
 class ClusterSpec(Spec):
     """A Ray cluster: one head node and any number of worker node groups."""
 
@@ -194,6 +228,9 @@ class ClusterSpec(Spec):
     autoscaler: AutoscalerSettings = Field(
         default_factory=AutoscalerSettings,
         description="Autoscaler behaviour; applies when some worker group declares `autoscaling:`.",
+    )
+    serve: ServeSettings = Field(
+        default_factory=ServeSettings, description="Ray Serve's cluster-wide switches (throughput_optimized)."
     )
     tls: bool = Field(
         True,

@@ -1,4 +1,8 @@
-"""CPU benchmark: latency and throughput of torch FP32 and each ORT variant, threads pinned equally."""
+"""CPU benchmark: latency and throughput of torch FP32 and each ORT variant, threads pinned equally.
+
+Run in the export's process, or as one Ray task per node group (`benchmark.node_groups`) so that
+the numbers serving's `variant: auto` picks by come from the hardware the replicas run on.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,9 @@ import time
 
 import numpy as np
 
-from mlplatform.export._report import BenchmarkRow
+from mlplatform.export._report import BenchmarkRow, NodeBenchmark
+
+NODE_GROUP_LABEL = "ray.io/node-group"
 
 
 _ROUNDS = 5  # runtimes take turns in short rounds, so a burst of load elsewhere hits all of them
@@ -66,3 +72,35 @@ def _row(name: str, batch: int, times: list[float]) -> BenchmarkRow:
         runtime=name, batch_size=batch, p50_ms=float(np.percentile(ms, 50)), p99_ms=float(np.percentile(ms, 99)),
         throughput=batch * len(times) / sum(times), runs=len(times),
     )
+
+
+def on_this_node(model, onnx: dict[str, bytes], x: np.ndarray, input_name: str, batch_sizes: list[int],
+                 threads: int, seconds: float, warmup: int) -> dict:
+    """The body of the per-node-group Ray task: sessions from the ONNX bytes, timed here, with this
+    node's CPU flags and node group. Returns NodeBenchmark.to_json() (plain data crosses processes)."""
+    from mlplatform.export import _cpu, _onnx
+
+    sessions = {name: _onnx.session_from_bytes(data, threads, name) for name, data in onnx.items()}
+    rows = run(model, sessions, x, input_name, batch_sizes, threads, seconds, warmup)
+    return NodeBenchmark(_node_group(), _cpu.cpu_features(), threads, rows).to_json()
+
+
+def _node_group() -> str | None:
+    """This process's `ray.io/node-group` label (None outside a Ray node)."""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return ray.get_runtime_context().get_node_labels().get(NODE_GROUP_LABEL)
+    except Exception:  # no Ray runtime context here: the export ran off any cluster
+        pass
+    return None
+
+
+def here(model, sessions: dict[str, object], x: np.ndarray, input_name: str, batch_sizes: list[int],
+         threads: int, seconds: float, warmup: int) -> NodeBenchmark:
+    """The benchmark in this process, labelled with this node's group when it is on a Ray node."""
+    from mlplatform.export import _cpu
+
+    rows = run(model, sessions, x, input_name, batch_sizes, threads, seconds, warmup)
+    return NodeBenchmark(_node_group(), _cpu.cpu_features(), threads, rows)

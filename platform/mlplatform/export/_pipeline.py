@@ -7,6 +7,7 @@ once every file and the report exist, so a failure at any step registers nothing
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import shutil
 from datetime import datetime, timezone
@@ -20,12 +21,17 @@ from mlplatform.errors import ExportError
 from mlplatform.export._report import ExportReport
 from mlplatform.export._spec import ExportSpec, QuantMode, Quantize
 
+logger = logging.getLogger(__name__)
+
 # Scratch file of the exporter, never part of the version.
 _RAW_ONNX = "model.raw.onnx"
+# lineage.extra.compression.method of a student → the prefix of its variants and files.
+_STUDENT_KIND = {"prune": "pruned", "distill": "distilled"}
 
 
 def make_spec(config: str | os.PathLike | None = None, *, quantize: str | None = None,
-              threads: int | None = None, classification: str | None = None) -> ExportSpec:
+              threads: int | None = None, classification: str | None = None,
+              students: list[str] | None = None) -> ExportSpec:
     """An ExportSpec from an optional YAML file with command-line overrides applied (validated).
 
     Raises:
@@ -41,7 +47,9 @@ def make_spec(config: str | os.PathLike | None = None, *, quantize: str | None =
         data["benchmark"]["threads"] = threads
     if classification is not None:
         data["classification"] = classification
-    return _config.validate(data, ExportSpec, "--quantize/--threads/--classification")
+    if students:
+        data["students"] = list(students)
+    return _config.validate(data, ExportSpec, "--quantize/--threads/--classification/--student")
 
 
 def export_model(
@@ -78,6 +86,8 @@ def export_model(
     spec = spec or ExportSpec()
     parent = registry.resolve(ref, root=root)
     access.require("registry.export", f"registry:{spec.name or parent.name}")
+    if spec.benchmark.enabled and spec.benchmark.node_groups:
+        _join_the_jobs_cluster()  # first: the policy read next is then the cluster's, for every step
     policy = residency.current()
     try:
         # Made from the source's data, the export keeps its classification or a higher one.
@@ -87,6 +97,8 @@ def export_model(
         )
         if policy is not None:
             _check_where_this_runs(policy, classification, parent.ref)
+        students = _students(spec.students, parent, root)
+        bench_on = _bench_selectors(spec, policy, classification)
         with residency.confined(policy, classification):
             registry.check_writable(root, spec.name or parent.name)  # before the export work, not after it
             # Scratch copies (the decrypted source, ONNX files, the libraries' own temporary
@@ -94,13 +106,24 @@ def export_model(
             work = storage.temp_dir("mlplatform-export-")
             try:
                 with storage.tempfile_dir(work):
-                    version, report = _export_and_register(parent, spec, work, classification, root, key, actor)
+                    version, report = _export_and_register(
+                        parent, spec, work, classification, root, key, actor, students, bench_on
+                    )
             finally:
                 shutil.rmtree(work, ignore_errors=True)
     except ResidencyError as e:
         residency.record("denial", what="export", model=parent.name, source=parent.ref, reason=str(e))
         raise
     return dataclasses.replace(report, version_ref=version.ref)
+
+
+def _join_the_jobs_cluster() -> None:
+    """Inside a Ray job (`ray job submit` sets RAY_ADDRESS) connect to its cluster, as the residency
+    check below would; a plain process off any cluster stays unconnected."""
+    import ray
+
+    if not ray.is_initialized() and os.environ.get("RAY_ADDRESS"):
+        ray.init(logging_level="WARNING")
 
 
 def _check_where_this_runs(policy: Any, classification: str, ref: str) -> None:
@@ -124,15 +147,99 @@ def _check_where_this_runs(policy: Any, classification: str, ref: str) -> None:
                      regions=[region or "(none)"], node_ids=[context.get_node_id()])
 
 
+def _students(refs: list[str], parent: Any, root: Any) -> dict[str, Any]:
+    """kind ("pruned"/"distilled") → the registered student version, each checked against the source.
+
+    Raises:
+        ExportError: a ref does not resolve, is not a student of the source, or two share a kind.
+        InputSignatureError: a student's input signature differs from the source's.
+    """
+    from mlplatform import registry
+    from mlplatform.errors import InputSignatureError, PlatformError
+
+    out: dict[str, Any] = {}
+    for ref in refs:
+        try:
+            student = registry.resolve(ref, root=root)
+        except PlatformError as e:
+            raise ExportError(
+                f"Got {ref!r} in `students` (--student); it is not a registered version ({e}). Register the "
+                f"students of {parent.ref} first: `ray job submit -- python jobs/compress.py --config "
+                f"jobs/configs/compress-digits.yaml`, then pass the refs it prints."
+            ) from None
+        extra = student.lineage.extra or {}
+        teacher = extra.get("compressed_from")
+        try:
+            teacher_ref = registry.resolve(teacher, root=root).ref if teacher else None
+        except PlatformError:
+            teacher_ref = teacher
+        if teacher_ref != parent.ref:
+            raise ExportError(
+                f"Got {student.ref!r} in `students`; its lineage says compressed_from {teacher!r}, not the export's "
+                f"source {parent.ref}. A student is gated against its own teacher: export {teacher or 'its teacher'} "
+                f"with it, or compress {parent.ref} (jobs/compress.py) and pass that student."
+            )
+        method = (extra.get("compression") or {}).get("method")
+        kind = _STUDENT_KIND.get(method)
+        if kind is None:
+            raise ExportError(
+                f"Got {student.ref!r} in `students`; its lineage `compression.method` is {method!r}, must be "
+                f"{' or '.join(_STUDENT_KIND)}. Register it with jobs/compress.py."
+            )
+        if kind in out:
+            raise ExportError(
+                f"Got two {kind} students in `students` ({out[kind].ref}, {student.ref}); a version holds one of "
+                f"each kind (model.{kind}.onnx). Export once per student."
+            )
+        sig, own = parent.lineage.input_signature, student.lineage.input_signature
+        if sig and own and sig != own:
+            raise InputSignatureError(
+                f"Got {student.ref!r} in `students`; its input signature {own} differs from {parent.ref}'s {sig}. "
+                f"A student must take exactly the teacher's inputs to be served in its place."
+            )
+        out[kind] = student
+    return out
+
+
+def _bench_selectors(spec: ExportSpec, policy: Any, classification: str | None) -> dict[str, dict[str, str]] | None:
+    """node group → the label selector its benchmark task gets (narrowed by the residency policy);
+    None: benchmark in this process (no groups asked for, or no Ray cluster to run them on)."""
+    groups = spec.benchmark.node_groups
+    if not spec.benchmark.enabled or not groups:
+        return None
+    import ray
+
+    if not ray.is_initialized():
+        logger.warning("benchmark.node_groups %s asked for, but no Ray cluster is connected: benchmarking in "
+                       "this process instead (connect, or run as a Ray job, to measure on those groups)", groups)
+        return None
+    selectors = {g: {_bench_label(): g} for g in groups}
+    if policy is not None:
+        selectors = {g: policy.place(classification, sel, "benchmark.node_groups") for g, sel in selectors.items()}
+    return selectors
+
+
+def _bench_label() -> str:
+    from mlplatform.export._bench import NODE_GROUP_LABEL
+
+    return NODE_GROUP_LABEL
+
+
 def _export_and_register(parent: Any, spec: ExportSpec, work: Path, classification: str | None,
-                         root: Any, key: Any, actor: str | None) -> tuple[Any, ExportReport]:
+                         root: Any, key: Any, actor: str | None, students: dict[str, Any] | None = None,
+                         bench_on: dict[str, dict[str, str]] | None = None) -> tuple[Any, ExportReport]:
     from mlplatform import registry
 
     src = work / "source"
     # The pinned version, not `ref`: an alias moved meanwhile must not change what is exported.
     registry.fetch(parent.ref, src, root=root, key=key)
+    student_dirs = {}
+    for kind, student in (students or {}).items():
+        student_dirs[kind] = work / f"student-{kind}"
+        registry.fetch(student.ref, student_dirs[kind], root=root, key=key)
     report = export_artifact(
-        src, work / "exported", spec, source_ref=parent.ref, fallback_signature=parent.lineage.input_signature
+        src, work / "exported", spec, source_ref=parent.ref, fallback_signature=parent.lineage.input_signature,
+        students=student_dirs, bench_on=bench_on, classification=classification,
     )
     overrides: dict[str, Any] = {
         "metrics": {**parent.lineage.metrics, **_lineage_metrics(report)},
@@ -142,7 +249,13 @@ def _export_and_register(parent: Any, spec: ExportSpec, work: Path, classificati
         "training_node_ids": parent.lineage.training_node_ids,
         "extra": {
             "exported_from": parent.ref,
-            "export": {"deployable": report.deployable, "opset": report.opset, "quantization": report.quantization},
+            "export": {
+                "deployable": report.deployable, "opset": report.opset, "quantization": report.quantization,
+                # Serving's `variant: auto` picks from these: rows/s per runtime and batch size, per node group.
+                "benchmarks": [b.to_json() for b in report.benchmarks],
+                "skipped": dict(report.skipped),
+                "students": {kind: s.ref for kind, s in (students or {}).items()},
+            },
         },
     }
     if parent.lineage.input_signature:
@@ -161,11 +274,20 @@ def export_artifact(
     *,
     source_ref: str | None = None,
     fallback_signature: Any = None,
+    students: dict[str, str | os.PathLike] | None = None,
+    bench_on: dict[str, dict[str, str]] | None = None,
+    classification: str | None = None,
 ) -> ExportReport:
     """Export a training artifact directory into `out_dir` (new or empty), without the registry.
 
-    `out_dir` receives the artifact's files plus model.onnx, model.int8.onnx and
-    export_report.json, all at once: it is built beside `out_dir` and renamed into place.
+    `out_dir` receives the artifact's files plus every candidate (model.onnx, model.int8.onnx,
+    model.int8.qdq.onnx, model.<kind>[.int8].onnx per student) and export_report.json, all at
+    once: it is built beside `out_dir` and renamed into place.
+
+    Args:
+        students: kind ("pruned"/"distilled") → a student's artifact directory; gated against
+            this artifact's torch model (the teacher) with `gates.student`.
+        bench_on: node group → label selector: benchmark as one Ray task on each (else here).
 
     Raises:
         TrainArtifactError, InputSignatureError, HoldoutDataError, OnnxModelError, ExportError.
@@ -204,6 +326,7 @@ def export_artifact(
             _onnx.export_fp32(model, sig, spec.opset, raw / _RAW_ONNX, meta.get("model_ref", "the model"))
             _onnx.optimize(raw / _RAW_ONNX, staging / layout.ONNX_FP32)
             files = {"onnx_fp32": layout.ONNX_FP32}
+            skipped: dict[str, str] = {}
             mode = None
             if spec.quantize == Quantize.INT8:
                 mode = _mode(spec.quantization_mode, model)
@@ -213,21 +336,30 @@ def export_artifact(
                     raw / _RAW_ONNX, staging / layout.ONNX_INT8, mode, raw, calib, sig.name, per_channel, spec.reduce_range
                 )
                 files["onnx_int8"] = layout.ONNX_INT8
+                _static_qdq(spec, mode, task, artifact_dir, meta, sig, raw, staging, files, skipped)
+            for kind, student_dir in (students or {}).items():
+                _student(kind, Path(student_dir), sig, spec, raw, staging, files)
         finally:
             shutil.rmtree(raw, ignore_errors=True)
 
         threads = spec.benchmark.threads
         sessions = {name: _onnx.session(staging / f, threads) for name, f in files.items()}
         reference, measured = _gate.evaluate(model, sessions, held.x, held.y, task, sig.name)
-        gates = {"onnx_fp32": spec.gates.fp32, "onnx_int8": spec.gates.int8}
+        gates = {"onnx_fp32": spec.gates.fp32, "onnx_int8": spec.gates.int8, "onnx_int8_qdq": spec.gates.int8_qdq}
         variants = tuple(
-            _gate.judge(name, f, (staging / f).stat().st_size, measured[name], task, gates[name])
+            _gate.judge(name, f, (staging / f).stat().st_size, measured[name], task, gates.get(name, spec.gates.student))
             for name, f in files.items()
         )
-        bench = ()
+        benchmarks = ()
         if spec.benchmark.enabled:
             b = spec.benchmark
-            bench = _bench.run(model, sessions, held.x, sig.name, b.batch_sizes, threads, b.seconds_per_case, b.warmup_runs)
+            if bench_on:
+                onnx = {name: (staging / f).read_bytes() for name, f in files.items()}
+                benchmarks = _bench_remote(bench_on, model, onnx, held.x, sig.name, b, classification)
+            else:
+                benchmarks = (_bench.here(model, sessions, held.x, sig.name, b.batch_sizes, threads,
+                                          b.seconds_per_case, b.warmup_runs),)
+        bench = benchmarks[0].rows if benchmarks else ()
         report = ExportReport(
             source_ref=source_ref,
             version_ref=None,
@@ -244,6 +376,8 @@ def export_artifact(
             torch_version=torch.__version__,
             onnxruntime_version=onnxruntime.__version__,
             created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            benchmarks=benchmarks,
+            skipped=skipped,
         )
         storage.atomic_write(staging / layout.EXPORT_REPORT, report.dumps())
         storage.replace_dir(staging, out)  # `out` was checked new or empty above
@@ -251,6 +385,107 @@ def export_artifact(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return report
+
+
+def _static_qdq(spec: ExportSpec, mode: str, task: str, artifact_dir: Path, meta: dict[str, Any], sig: Any,
+                raw: Path, staging: Path, files: dict[str, str], skipped: dict[str, str]) -> None:
+    """The static QDQ INT8 candidate beside a dynamic onnx_int8 (static mode already is one).
+
+    Optional: a graph it cannot quantize is recorded in `skipped`, not an export failure.
+    """
+    from mlplatform.export import _data, _onnx
+
+    if not spec.static_qdq:
+        return
+    if mode == "static":
+        skipped["onnx_int8_qdq"] = "onnx_int8 is already static QDQ (quantization_mode static)"
+        return
+    if task == "causal_lm":
+        # Activation ranges of a transformer vary per sequence; calibrated fixed ranges lose
+        # too much, and calibration over sequences is slow. Dynamic INT8 is its candidate.
+        skipped["onnx_int8_qdq"] = "not built for language models (dynamic INT8 is their INT8 candidate)"
+        return
+    calib = _data.calibration(artifact_dir, meta, sig, task, spec.calibration_rows)
+    per_channel = spec.per_channel if spec.per_channel is not None else True
+    try:
+        _onnx.quantize_int8(raw / _RAW_ONNX, staging / layout.ONNX_INT8_QDQ, "static", raw, calib, sig.name,
+                            per_channel, spec.reduce_range)
+    except ExportError as e:
+        skipped["onnx_int8_qdq"] = str(e)
+        return
+    files["onnx_int8_qdq"] = layout.ONNX_INT8_QDQ
+
+
+def _student(kind: str, student_dir: Path, sig: Any, spec: ExportSpec, raw: Path, staging: Path,
+             files: dict[str, str]) -> None:
+    """A compressed student → <kind>_onnx_fp32 (+ <kind>_onnx_int8, dynamic) in `staging`."""
+    from mlplatform.errors import InputSignatureError
+    from mlplatform.export import _data, _onnx
+    from mlplatform.train import load_model, read_metadata
+
+    meta = read_metadata(student_dir)
+    own = _data.signature(meta, str(student_dir)) if meta.get("input_signature") else sig
+    if (own.name, own.dtype, tuple(own.shape)) != (sig.name, sig.dtype, tuple(sig.shape)):
+        raise InputSignatureError(
+            f"The {kind} student takes {own.name} {own.dtype} {list(own.shape)}, the teacher {sig.name} {sig.dtype} "
+            f"{list(sig.shape)}; a student must take exactly the teacher's inputs."
+        )
+    student_raw = raw / f"model.{kind}.raw.onnx"
+    _onnx.export_fp32(load_model(student_dir), sig, spec.opset, student_raw, f"the {kind} student")
+    fp32, int8 = f"{kind}_onnx_fp32", f"{kind}_onnx_int8"
+    _onnx.optimize(student_raw, staging / layout.VARIANT_FILES[fp32])
+    files[fp32] = layout.VARIANT_FILES[fp32]
+    if spec.quantize == Quantize.INT8:
+        _onnx.quantize_int8(student_raw, staging / layout.VARIANT_FILES[int8], "dynamic", raw, None, sig.name,
+                            bool(spec.per_channel), spec.reduce_range)
+        files[int8] = layout.VARIANT_FILES[int8]
+
+
+def _bench_remote(selectors: dict[str, dict[str, str]], model: Any, onnx: dict[str, bytes], x: Any, input_name: str,
+                  b: Any, classification: str | None) -> tuple[Any, ...]:
+    """One benchmark task per node group, placed by its selector, all in parallel; their NodeBenchmarks.
+
+    Raises:
+        ExportError: no live node of a group can hold the task, or a task failed or timed out.
+    """
+    import ray
+
+    from mlplatform import residency
+    from mlplatform._internal import placement
+    from mlplatform.cluster.inventory import from_ray_nodes
+    from mlplatform.export import _bench
+    from mlplatform.export._report import NodeBenchmark
+    from mlplatform.residency import guard
+
+    nodes = [n for n in from_ray_nodes(ray.nodes()) if n.alive]
+    policy = residency.current()
+    env = {"env_vars": {guard.CLASSIFICATION_ENV: policy.resolve(classification)}} if policy else None
+    task = ray.remote(_bench.on_this_node)
+    pending = {}
+    for group, selector in selectors.items():
+        # The task needs `threads` CPUs on one node: Ray would leave it pending forever otherwise.
+        if placement.capacity(nodes, selector, {"CPU": b.threads}).largest < 1:
+            groups = sorted({f"{n.group} ({n.resources.get('CPU', 0):g} CPU)" for n in nodes})
+            raise ExportError(
+                f"Got {group!r} in `benchmark.node_groups`; no live node matches {selector} with {b.threads} CPUs "
+                f"(`benchmark.threads`). Live node groups: {', '.join(groups)}. Name one of them or lower threads."
+            )
+        pending[group] = task.options(
+            label_selector=selector, num_cpus=b.threads, **({"runtime_env": env} if env else {})
+        ).remote(model, onnx, x, input_name, b.batch_sizes, b.threads, b.seconds_per_case, b.warmup_runs)
+    out = []
+    for group, ref in pending.items():
+        try:
+            out.append(NodeBenchmark.from_json(ray.get(ref, timeout=b.timeout_s)))
+        except ray.exceptions.GetTimeoutError:
+            ray.cancel(ref, force=True)
+            raise ExportError(
+                f"The benchmark on node group {group!r} did not finish in {b.timeout_s:g} s (`benchmark.timeout_s`); "
+                f"lower `benchmark.seconds_per_case` or batch sizes, or raise the timeout."
+            ) from None
+        except ray.exceptions.RayError as e:
+            raise ExportError(f"The benchmark on node group {group!r} failed: {str(e).splitlines()[0]}") from None
+    return tuple(out)
 
 
 def gate_variant(onnx_path: str | os.PathLike, artifact_dir: str | os.PathLike, spec: ExportSpec | None = None,
@@ -264,8 +499,9 @@ def gate_variant(onnx_path: str | os.PathLike, artifact_dir: str | os.PathLike, 
     from mlplatform.train import load_model, read_metadata
 
     spec = spec or ExportSpec()
-    if variant not in ("onnx_fp32", "onnx_int8"):
-        raise ExportError(f"Got {variant!r} for `variant`; must be onnx_fp32 or onnx_int8.")
+    if variant not in layout.VARIANT_FILES or variant == "torch":
+        raise ExportError(f"Got {variant!r} for `variant`; must be one of "
+                          f"{', '.join(v for v in layout.VARIANT_FILES if v != 'torch')}.")
     meta = read_metadata(artifact_dir)
     sig = _data.signature(meta, str(artifact_dir))
     task = _task(meta, str(artifact_dir))
@@ -273,7 +509,8 @@ def gate_variant(onnx_path: str | os.PathLike, artifact_dir: str | os.PathLike, 
     model = load_model(artifact_dir)
     held = _data.holdout(meta, artifact_dir, sig, task, spec.holdout_path, spec.max_holdout_rows)
     _, measured = _gate.evaluate(model, {variant: sess}, held.x, held.y, task, sig.name)
-    gate = spec.gates.fp32 if variant == "onnx_fp32" else spec.gates.int8
+    gate = {"onnx_fp32": spec.gates.fp32, "onnx_int8": spec.gates.int8,
+            "onnx_int8_qdq": spec.gates.int8_qdq}.get(variant, spec.gates.student)
     path = Path(onnx_path)
     return _gate.judge(variant, path.name, path.stat().st_size, measured[variant], task, gate)
 

@@ -56,7 +56,7 @@ class GateCheck:
 class VariantReport:
     """One exported variant: its file, size, gate result and whether serving may deploy it."""
 
-    variant: str  # "onnx_fp32" or "onnx_int8"
+    variant: str  # "onnx_fp32", "onnx_int8", "onnx_int8_qdq", "pruned_onnx_fp32", ...
     file: str
     size_bytes: int
     checks: tuple[GateCheck, ...]
@@ -74,12 +74,30 @@ class VariantReport:
 class BenchmarkRow:
     """Latency and throughput of one runtime at one batch size."""
 
-    runtime: str  # "torch_fp32", "onnx_fp32", "onnx_int8"
+    runtime: str  # "torch_fp32" or a variant name ("onnx_fp32", "onnx_int8", ...)
     batch_size: int
     p50_ms: float
     p99_ms: float
     throughput: float  # samples (LM: sequences) per second
     runs: int
+
+
+@dataclass(frozen=True)
+class NodeBenchmark:
+    """Every runtime timed on one node: its node group (None: where the export ran, off Ray), its CPU, the rows."""
+
+    node_group: str | None
+    cpu: CpuFeatures
+    threads: int
+    rows: tuple[BenchmarkRow, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> NodeBenchmark:
+        return cls(data.get("node_group"), CpuFeatures(**data["cpu"]), int(data["threads"]),
+                   tuple(BenchmarkRow(**r) for r in data.get("rows") or ()))
 
 
 @dataclass(frozen=True)
@@ -101,10 +119,18 @@ class ExportReport:
     torch_version: str
     onnxruntime_version: str
     created_at: str
+    # One record per node the benchmark ran on (`benchmark` above is the first one's rows).
+    benchmarks: tuple[NodeBenchmark, ...] = ()
+    skipped: dict[str, str] = field(default_factory=dict)  # candidate → why it was not built
 
     @property
     def deployable(self) -> dict[str, bool]:
         return {v.variant: v.deployable for v in self.variants}
+
+    @property
+    def passed(self) -> bool:
+        """Every variant of the model itself passed its gate; a failed student only loses its own candidates."""
+        return all(ok for v, ok in self.deployable.items() if not v.startswith(("pruned_", "distilled_")))
 
     def variant(self, name: str) -> VariantReport:
         for v in self.variants:
@@ -136,7 +162,9 @@ class ExportReport:
             for v in data.pop("variants")
         )
         bench = tuple(BenchmarkRow(**r) for r in data.pop("benchmark"))
-        return cls(**{**data, "variants": variants, "benchmark": bench, "cpu": CpuFeatures(**data.pop("cpu"))})
+        nodes = tuple(NodeBenchmark.from_json(b) for b in data.pop("benchmarks", ()) or ())
+        return cls(**{**data, "variants": variants, "benchmark": bench, "benchmarks": nodes,
+                      "cpu": CpuFeatures(**data.pop("cpu"))})
 
     def dumps(self) -> str:
         return json.dumps(self.to_json(), indent=1, sort_keys=True) + "\n"
@@ -155,16 +183,22 @@ def format_report(report: ExportReport) -> str:
         lines.append("torch FP32: " + ", ".join(f"{k} {_num(v)}" for k, v in report.reference_metrics.items()))
     for v in report.variants:
         state = "DEPLOYABLE" if v.deployable else "NOT DEPLOYABLE"
-        lines.append(f"{v.variant:<10} {state:<15} {v.file} ({v.size_bytes / 1e6:.2f} MB)")
+        lines.append(f"{v.variant:<19} {state:<15} {v.file} ({v.size_bytes / 1e6:.2f} MB)")
         for c in v.checks:
             lines.append(f"    {'ok  ' if c.passed else 'FAIL'} {c.describe()}")
-    if report.benchmark:
-        lines.append(f"Benchmark ({report.threads} threads, {report.cpu.summary()}):")
-        lines.append(f"    {'runtime':<11} {'batch':>5} {'p50 ms':>9} {'p99 ms':>9} {'samples/s':>11} {'vs torch':>8}")
-        for r in report.benchmark:
-            s = report.speedup(r.runtime, r.batch_size)
+    for name, why in report.skipped.items():
+        lines.append(f"{name:<19} {'NOT BUILT':<15} {why}")
+    nodes = report.benchmarks or ((NodeBenchmark(None, report.cpu, report.threads, report.benchmark),)
+                                  if report.benchmark else ())
+    for node in nodes:
+        where = f"node group {node.node_group}" if node.node_group else "this process"
+        lines.append(f"Benchmark on {where} ({node.threads} threads, {node.cpu.summary()}):")
+        lines.append(f"    {'runtime':<19} {'batch':>5} {'p50 ms':>9} {'p99 ms':>9} {'samples/s':>11} {'vs torch':>8}")
+        base = {r.batch_size: r.throughput for r in node.rows if r.runtime == "torch_fp32"}
+        for r in node.rows:
+            s = r.throughput / base[r.batch_size] if base.get(r.batch_size) else None
             lines.append(
-                f"    {r.runtime:<11} {r.batch_size:>5} {r.p50_ms:>9.3f} {r.p99_ms:>9.3f} {r.throughput:>11.1f} "
+                f"    {r.runtime:<19} {r.batch_size:>5} {r.p50_ms:>9.3f} {r.p99_ms:>9.3f} {r.throughput:>11.1f} "
                 f"{(f'{s:.2f}x' if s else '-'):>8}"
             )
     return "\n".join(lines)

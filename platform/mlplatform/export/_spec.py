@@ -55,15 +55,29 @@ def _int8_gate() -> GateSpec:
     return GateSpec(min_top1_agreement=0.98, max_accuracy_drop=0.01, max_abs_error=1.5, max_mean_abs_error=0.15)
 
 
+def _student_gate() -> GateSpec:
+    # A pruned or distilled student is another model: it may disagree with its teacher on a few
+    # rows (0.97) as long as accuracy stays within 1 point; its raw outputs differ by design, so
+    # the error limits only catch a broken student.
+    return GateSpec(min_top1_agreement=0.97, max_accuracy_drop=0.01, max_abs_error=50.0, max_mean_abs_error=5.0)
+
+
 class GatesSpec(Spec):
     """Accuracy gate thresholds per exported variant."""
 
     fp32: GateSpec = Field(default_factory=_fp32_gate, description="Thresholds for the ONNX FP32 variant.")
     int8: GateSpec = Field(default_factory=_int8_gate, description="Thresholds for the ONNX INT8 variant.")
+    int8_qdq: GateSpec = Field(
+        default_factory=_int8_gate, description="Thresholds for the static QDQ INT8 variant (onnx_int8_qdq)."
+    )
+    student: GateSpec = Field(
+        default_factory=_student_gate,
+        description="Thresholds for every student variant (pruned_*/distilled_*), judged against the TEACHER torch model.",
+    )
 
 
 class BenchmarkSpec(Spec):
-    """The CPU benchmark stored with the version: torch FP32, ORT FP32 and ORT INT8."""
+    """The CPU benchmark stored with the version: torch FP32 and every ONNX candidate, per node group."""
 
     enabled: bool = Field(True, description="false skips the benchmark (the report then holds none).")
     threads: int = Field(
@@ -76,6 +90,14 @@ class BenchmarkSpec(Spec):
         0.5, gt=0, le=60, description="Time spent measuring each (runtime, batch size) after warm-up."
     )
     warmup_runs: int = Field(3, ge=0, le=1000, description="Untimed runs before measuring each case.")
+    node_groups: list[str] = Field(
+        default_factory=list,
+        description=(
+            "Node groups (`ray.io/node-group`) to benchmark on, one Ray task each, so serving's `variant: auto` "
+            "picks by numbers from the hardware it runs on; [] = in the export's own process."
+        ),
+    )
+    timeout_s: float = Field(600, gt=0, description="Longest wait for one node group's benchmark task.")
 
     @field_validator("batch_sizes")
     @classmethod
@@ -86,7 +108,8 @@ class BenchmarkSpec(Spec):
 
 
 class ExportSpec(Spec):
-    """One export: torch → ONNX FP32 (+ INT8), accuracy gates, CPU benchmark, registration."""
+    """One export: torch → every ONNX candidate (FP32, INT8 dynamic or static, static QDQ, students),
+    accuracy gates, CPU benchmark (per node group), registration."""
 
     opset: int = Field(
         18, ge=18, le=23, description="ONNX opset the dynamo exporter targets (pinned; 18 is torch's default)."
@@ -114,6 +137,18 @@ class ExportSpec(Spec):
         ),
     )
     max_holdout_rows: int = Field(2000, ge=1, description="Most held-out rows (LM: sequences) the gates evaluate.")
+    static_qdq: bool = Field(
+        True,
+        description="With `quantize: int8`, also build the static QDQ candidate onnx_int8_qdq (calibrated like "
+        "static mode) when `onnx_int8` itself is dynamic; serving's `variant: auto` may pick it.",
+    )
+    students: list[str] = Field(
+        default_factory=list,
+        description=(
+            "Registry refs of compressed students of the source (registered by jobs/compress.py with lineage "
+            "`compressed_from` = the source); each becomes <method>_onnx_fp32 and <method>_onnx_int8 candidates."
+        ),
+    )
     gates: GatesSpec = Field(default_factory=GatesSpec, description="Accuracy gate thresholds per variant.")
     benchmark: BenchmarkSpec = Field(default_factory=BenchmarkSpec, description="CPU benchmark settings.")
     name: str | None = Field(

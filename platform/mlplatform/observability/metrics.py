@@ -71,6 +71,12 @@ METRICS: tuple[Metric, ...] = (
     _m("mlplatform_serve_rows_total", COUNTER,
        "Input rows run by a model deployment (exact, unlike the batch histogram's sum).",
        ("app", "deployment", "version"), "serving"),
+    _m("mlplatform_serve_cache_requests_total", COUNTER,
+       "Model calls answered from the response cache (`result=hit`) or run by the model (`result=miss`); "
+       "only deployments with `cache.enabled`.",
+       ("app", "deployment", "version", "result"), "serving"),
+    _m("mlplatform_serve_cache_bytes", GAUGE, "Bytes held by a replica's response cache (bounded by `cache.max_bytes`).",
+       ("app", "deployment", "version"), "serving"),
     _m("mlplatform_serve_fallback_total", COUNTER, "Requests served by the fallback deployment, by reason.",
        ("app", "version", "reason"), "serving"),
     _m("mlplatform_serve_invalid_requests_total", COUNTER,

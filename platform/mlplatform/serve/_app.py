@@ -52,6 +52,7 @@ def _build(spec: ServeSpec):
     if spec.canary:
         versions["canary"] = registry.resolve(spec.canary.model, root=spec.registry_root)
     refs = {role: v.ref for role, v in versions.items()}
+    spec, choices = _resolve_auto(spec, versions)
     for role, dep in spec.deployments().items():
         _check_export_gate(versions[role], dep.variant, role)
     policy = residency.current()
@@ -68,14 +69,18 @@ def _build(spec: ServeSpec):
             "num_cpus": dep.num_cpus, "device": dep.device, "dtype": dep.dtype.value,
             "max_batch_size": dep.batching.max_batch_size, "batch_wait_timeout_s": dep.batching.batch_wait_timeout_s,
             "drift_enabled": spec.drift.enabled, "drift_window_rows": spec.drift.window_rows,
-            "drift_alert_psi": spec.drift.alert_psi,
+            "drift_alert_psi": spec.drift.alert_psi, "drift_sample_rate": spec.drift.sample_rate,
+            "cache_max_bytes": dep.cache.max_bytes if dep.cache.enabled else 0,
         }
+
+    # Serve's per-deployment logging (the access log is one line per request per replica).
+    logging_config = {"enable_access_log": spec.logging.access_log, "log_level": spec.logging.level}
 
     def model(role: str, dep: ModelDeploymentSpec):
         options = _replica_options(selectors[role], dep.num_cpus, dep.num_gpus, dep.replicas, dep.autoscaling, guarded)
         return serve.deployment(model_class(dep.variant.value)).options(
             name=role, max_ongoing_requests=dep.max_ongoing_requests, max_queued_requests=dep.max_queued_requests,
-            **options, **_HEALTH,
+            logging_config=logging_config, user_config=choices[role], **options, **_HEALTH,
         ).bind(model_settings(role, dep))
 
     ing = spec.ingress
@@ -116,8 +121,60 @@ def _build(spec: ServeSpec):
         settings["local_model"] = model_settings("primary", spec.primary)
     return serve.deployment(Ingress).options(
         name="ingress", max_ongoing_requests=host.max_ongoing_requests, max_queued_requests=host.max_queued_requests,
-        backpressure_config={"status_code": 503, "retry_after_s": ing.retry_after_s}, **options, **_HEALTH,
+        # Colocated, the primary's variant and why show under the ingress in `mlplatform serve status`.
+        **({"user_config": choices["primary"]} if ing.colocate else {}),
+        backpressure_config={"status_code": 503, "retry_after_s": ing.retry_after_s}, logging_config=logging_config,
+        **options, **_HEALTH,
     ).bind(settings, bound.get("primary"), bound.get("fallback"), bound.get("canary"), gate)
+
+
+def _resolve_auto(spec: ServeSpec, versions: dict[str, Any]) -> tuple[ServeSpec, dict[str, dict[str, Any]]]:
+    """`variant: auto` → the measured-fastest gated variant per deployment; and per role what to show
+    in status (Serve's user_config: variant, why, ONNX Runtime options).
+
+    Raises:
+        ModelNotDeployable: auto on a version with no exported, gate-passed ONNX variant.
+    """
+    from mlplatform.export import tuned_options
+    from mlplatform.serve import _variant
+
+    chosen: dict[str, ModelDeploymentSpec] = {}
+    shown: dict[str, dict[str, Any]] = {}
+    for role, dep in spec.deployments().items():
+        if dep.variant == Variant.AUTO:
+            choice = _variant.choose(
+                (versions[role].lineage.extra or {}).get("export"), _variant.node_group(dep.label_selector),
+                dep.batching.max_batch_size, versions[role].ref, role, local_cpu=_local_cpu(),
+                files={f.path for f in versions[role].files},
+            )
+            logger.info("%s %s: variant auto → %s", spec.name, role, choice.reason)
+            dep = dep.model_copy(update={"variant": Variant(choice.variant)})
+            chosen[role] = dep
+            reason = choice.reason
+        else:
+            reason = f"{dep.variant.value}: set in the ServeSpec"
+        shown[role] = {"variant": dep.variant.value, "variant_reason": reason}
+        if dep.variant != Variant.TORCH:
+            shown[role]["ort_options"] = tuned_options(dep.num_cpus)
+    if not chosen:
+        return spec, shown
+    update: dict[str, Any] = {}
+    if "primary" in chosen:
+        update["primary"] = chosen["primary"]
+    if "fallback" in chosen:
+        update["fallback"] = spec.fallback.model_copy(update={"deployment": chosen["fallback"]})
+    if "canary" in chosen:
+        update["canary"] = spec.canary.model_copy(update={"deployment": chosen["canary"]})
+    return spec.model_copy(update=update), shown
+
+
+def _local_cpu() -> dict[str, Any]:
+    """This machine's CPU flags: the nearest measurement when the deployment's group has none."""
+    import dataclasses
+
+    from mlplatform.export import cpu_features
+
+    return dataclasses.asdict(cpu_features())
 
 
 def _selectors(spec: ServeSpec, policy) -> dict[str, dict[str, str]]:

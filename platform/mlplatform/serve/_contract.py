@@ -9,11 +9,12 @@ make a model replica fail or misbehave is rejected here, before the batch queue:
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from typing import Any
+from functools import cached_property
+from typing import Annotated, Any
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, create_model
 
 from mlplatform.errors import ServeError
 
@@ -94,6 +95,43 @@ class Contract:
             "body",
         )
 
+    # --- the body's type, one source for the parser and the OpenAPI schema ---
+
+    @cached_property
+    def number(self) -> Any:
+        """One value of the input dtype: a strict JSON number, finite and within the dtype's range."""
+        if self.dtype in _INT:
+            info = np.iinfo(_INT[self.dtype])
+            return Annotated[int, Field(strict=True, ge=int(info.min), le=int(info.max))]
+        # The bound keeps a JSON value finite once cast (1e39 is finite in JSON, inf in float32).
+        big = float(np.finfo(_FLOAT[self.dtype]).max)
+        return Annotated[float, Field(strict=True, allow_inf_nan=False, ge=-big, le=big)]
+
+    @cached_property
+    def row(self) -> Any:
+        """One row: nested lists of exactly `features` numbers."""
+        row = self.number
+        for n in reversed(self.features):
+            row = Annotated[list[row], Field(min_length=n, max_length=n)]
+        return row
+
+    @cached_property
+    def rows(self) -> Any:
+        return Annotated[list[self.row], Field(min_length=1, max_length=self.max_rows)]
+
+    @cached_property
+    def body_model(self) -> type[BaseModel]:
+        """The body of POST /v1/predict: `{"inputs": rows}` and nothing else."""
+        return create_model(
+            "PredictRequest", __config__=ConfigDict(extra="forbid", strict=True),
+            inputs=(self.rows, Field(description=f"1..{self.max_rows} rows, each of shape {list(self.features)} "
+                                     f"({self.dtype}).")),
+        )
+
+    @cached_property
+    def _body(self) -> TypeAdapter:
+        return TypeAdapter(self.body_model)
+
     def parse(self, body: bytes) -> np.ndarray:
         """The validated input array of a request body.
 
@@ -103,82 +141,80 @@ class Contract:
         if len(body) > self.max_payload_bytes:
             raise self._too_big(len(body))
         try:
-            # NaN/Infinity are not JSON; Python's json would accept them, so refuse them here.
-            data = json.loads(body, parse_constant=_reject_constant)
-        except _NonFinite as e:
-            raise ContractViolation(422, "non_finite", f"{e.args[0]} is not a finite number; inputs must be finite.") from None
-        except (ValueError, UnicodeDecodeError, RecursionError) as e:
-            raise ContractViolation(400, "invalid_json", f"Body is not valid JSON ({type(e).__name__}: {_first_line(e)}).",
-                                    "body") from None
-        if not isinstance(data, dict):
-            raise ContractViolation(400, "invalid_body", f'Body must be a JSON object {{"inputs": [...]}}; got a {_kind(data)}.',
-                                    "body")
-        extra = sorted(set(data) - {"inputs"})
-        if extra:
-            raise ContractViolation(400, "unknown_field", f"Unknown field(s) {extra}; the body takes only `inputs`.", extra[0])
-        if "inputs" not in data:
-            raise ContractViolation(400, "missing_inputs", 'Body has no `inputs`; send {"inputs": [[...], ...]}.')
-        rows = data["inputs"]
-        if not isinstance(rows, list):
-            raise ContractViolation(422, "not_a_list", f"`inputs` must be a list of rows; got a {_kind(rows)}.")
-        if not rows:
-            raise ContractViolation(422, "empty", "`inputs` is empty; send at least one row.")
-        if len(rows) > self.max_rows:
-            raise ContractViolation(
-                413, "too_many_rows", f"`inputs` has {len(rows)} rows; at most {self.max_rows} per request."
-            )
-        try:
-            arr = np.asarray(rows)
-        except (ValueError, TypeError, OverflowError):
-            raise ContractViolation(
-                422, "shape_mismatch", f"`inputs` rows must all have shape {list(self.features)} (ragged or mixed rows)."
-            ) from None
-        if arr.dtype.kind not in "iuf":
-            # bools, strings (numpy would parse "1.5"), objects: all outside the contract.
-            raise ContractViolation(
-                422, "dtype_mismatch", f"`inputs` must hold only numbers for dtype {self.dtype}; found {_kind_of_array(arr)}."
-            )
-        if arr.shape[1:] != self.features:
-            raise ContractViolation(
-                422, "shape_mismatch",
-                f"`inputs` has shape {list(arr.shape)}; each row must have shape {list(self.features)}.",
-            )
-        if self.dtype in _INT:
-            if arr.dtype.kind == "f":
-                raise ContractViolation(422, "dtype_mismatch", f"`inputs` must be integers for dtype {self.dtype}.")
-            info = np.iinfo(_INT[self.dtype])
-            if arr.size and (arr.min() < info.min or arr.max() > info.max):
-                raise ContractViolation(422, "out_of_range", f"`inputs` has values outside {self.dtype}.")
-            return arr.astype(_INT[self.dtype])
-        with np.errstate(over="ignore", invalid="ignore"):
-            out = arr.astype(_FLOAT[self.dtype])
-        if not np.isfinite(out).all():
-            bad = np.argwhere(~np.isfinite(out))[0].tolist()
-            raise ContractViolation(
-                422, "non_finite", f"`inputs`{bad} is not finite in {self.dtype} (overflow?); inputs must be finite."
-            )
-        return out
+            rows = self._body.validate_json(body).inputs
+        except ValidationError as e:
+            raise self.violation(e.errors(include_url=False, include_context=False), "inputs", ("inputs",)) from None
+        return self.to_array(rows)
+
+    def to_array(self, rows: list) -> np.ndarray:
+        """Rows already validated against `rows` (or `row` items) as an array of the input dtype."""
+        return np.array(rows, dtype=_INT[self.dtype] if self.dtype in _INT else _FLOAT[self.dtype])
+
+    def violation(self, errors: list[dict[str, Any]], field: str, prefix: tuple = ()) -> ContractViolation:
+        """The most important of pydantic's errors as a ContractViolation naming where and what.
+
+        `field` names the rows in messages (`inputs`, or `inputs[0].data` for the v2 protocol);
+        `prefix` is the location of the rows inside the validated document.
+        """
+        return min((self._one(e, field, prefix) for e in errors), key=lambda v: _RANK.get(v.code, 99))
+
+    def _one(self, e: dict[str, Any], field: str, prefix: tuple) -> ContractViolation:
+        kind, loc, value = e["type"], tuple(e["loc"]), e.get("input")
+        if kind == "json_invalid":
+            return ContractViolation(400, "invalid_json", f"Body is not valid JSON ({e['msg']}).", "body")
+        if len(loc) < len(prefix) or loc[:len(prefix)] != prefix:
+            if kind in ("model_type", "dict_type", "model_attributes_type"):
+                return ContractViolation(400, "invalid_body", f'Body must be a JSON object {{"{field}": [...]}}; '
+                                         f"got a {_kind(value)}.", "body")
+            if kind == "extra_forbidden":
+                return ContractViolation(400, "unknown_field", f"Unknown field `{loc[-1]}`; the body takes only "
+                                         f"`{field}`.", str(loc[-1]))
+            return ContractViolation(400, "invalid_body", f"{_where(loc)}: {e['msg']}.", _where(loc))
+        at = loc[len(prefix):]  # () the rows, (i,) row i, (i, j, ...) inside row i
+        where = field + "".join(f"[{i}]" for i in at)
+        shape = f"[rows, {', '.join(map(str, self.features))}]"
+        if kind == "missing":
+            return ContractViolation(400, "missing_inputs", f'Body has no `{field}`; send {{"{field}": [[...], ...]}}.')
+        if not at:
+            if kind == "list_type":
+                return ContractViolation(422, "not_a_list", f"`{field}` must be a list of rows; got a {_kind(value)}.")
+            if kind == "too_short":
+                return ContractViolation(422, "empty", f"`{field}` is empty; send at least one row.")
+            if kind == "too_long" and self.features and not isinstance(value[0], list):
+                # A flat row ([0.1, ...]) is a shape problem, not 64 one-number rows.
+                return ContractViolation(422, "shape_mismatch", f"one row must be a list of {self.features[0]} "
+                                         f"numbers; got a {_kind(value[0])} at {field}[0]; expected shape {shape}.")
+            if kind == "too_long":
+                return ContractViolation(413, "too_many_rows", f"`{field}` has {len(value)} rows; at most "
+                                         f"{self.max_rows} per request.")
+        depth = len(at) - 1  # 0: a row itself, k: k levels inside it
+        if kind == "list_type" or (kind in ("float_type", "int_type") and isinstance(value, list)) or \
+                kind in ("too_short", "too_long"):
+            sub = list(self.features[depth:]) if depth < len(self.features) else []
+            what = f"a list of {sub[0]} " + ("numbers" if len(sub) == 1 else "lists") if sub else "a number"
+            got = f"a list of {len(value)} items" if isinstance(value, list) else f"a {_kind(value)}"
+            one = "one row" if depth == 0 else "each item of a row"
+            return ContractViolation(422, "shape_mismatch", f"{one} must be {what}; got {got} at {where}; expected "
+                                     f"shape {shape}.")
+        if kind in ("finite_number", "greater_than_equal", "less_than_equal"):
+            return ContractViolation(422, "out_of_range" if self.dtype in _INT else "non_finite",
+                                     f"`{where}` = {value!r} is " + (f"outside {self.dtype}." if self.dtype in _INT
+                                     else f"not finite in {self.dtype}; inputs must be finite numbers."))
+        need = "integers" if self.dtype in _INT else "numbers"
+        return ContractViolation(422, "dtype_mismatch", f"`{field}` must hold only {need} for dtype {self.dtype}; "
+                                 f"found a {_kind(value)} at {where}.")
 
 
-class _NonFinite(ValueError):
-    pass
+# Which problem a request hears about first when it has several (the order the checks had by hand).
+_RANK = {"invalid_json": 0, "invalid_body": 1, "unknown_field": 2, "missing_inputs": 3, "not_a_list": 4,
+         "empty": 5, "too_many_rows": 6, "shape_mismatch": 7, "dtype_mismatch": 8, "out_of_range": 9, "non_finite": 9}
 
 
-def _reject_constant(name: str) -> float:
-    raise _NonFinite(name)
+def _where(loc: tuple) -> str:
+    return "body" + "".join(f"[{i}]" if isinstance(i, int) else f".{i}" for i in loc)
 
 
 def _kind(x: Any) -> str:
     return {dict: "object", list: "list", str: "string", bool: "boolean", type(None): "null"}.get(
         type(x), "number" if isinstance(x, (int, float)) else type(x).__name__
     )
-
-
-def _kind_of_array(arr: np.ndarray) -> str:
-    return {"b": "booleans", "U": "strings", "S": "strings", "O": "nested or mixed values"}.get(arr.dtype.kind, str(arr.dtype))
-
-
-def _first_line(e: Exception) -> str:
-    text = str(e)
-    return text.splitlines()[0][:200] if text else ""
-

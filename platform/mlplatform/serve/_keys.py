@@ -258,30 +258,51 @@ class KeyChecker:
     applications add nothing to it. Files are read in a worker thread: `check` runs in the
     ingress's event loop, which a slow disk must not stall. A changed file (a revocation,
     a rotation) is seen within `recheck_s` by every replica, each checking on its own.
+
+    Off the request's path: a background task on the ingress's loop re-reads the cached files
+    every recheck_s / 2, so a request normally finds them fresh and touches no disk and no
+    thread; and a key whose secret matched once is remembered (presented string → its entry in
+    that very file version), so a repeat caller costs two dict look-ups, not a parse and a hash.
+    A new file version (any change) forgets every remembered key with it.
     """
 
     OK, MISSING, INVALID = "ok", "missing", "invalid"
     REVOKED, EXPIRED = "revoked", "expired"  # genuine key, no longer valid: 401
     FORBIDDEN, SCOPE = "forbidden", "scope"  # genuine key, another app's / lacks the scope: 403
+    _MAX_VERIFIED = 4096  # remembered genuine keys; only keys whose secret matched get in
 
     def __init__(self, app: str, keys_dir: str | os.PathLike, recheck_s: float = 1.0):
         self.app, self.dir, self.recheck_s = app, Path(keys_dir), recheck_s
         self._cache: dict[str, tuple[float, int, dict[str, dict[str, Any]]]] = {}  # app → (checked, mtime, keys)
+        # presented key → (app, the keys dict it was verified against, its entry)
+        self._verified: dict[str, tuple[str, dict[str, dict[str, Any]], dict[str, Any]]] = {}
+        self._refresher: asyncio.Task | None = None
 
     async def check(self, presented: str | None, scopes: Iterable[str] = ("predict",)) -> Verdict:
         """Whether `presented` is a valid key of this app holding one of `scopes`."""
         if not presented:
             return Verdict(self.MISSING)
-        parts = presented.strip().split(".")
-        if len(parts) != 4 or parts[0] != _PREFIX or not _APP.match(parts[1]) or not _KEY_ID.match(parts[2]):
-            return Verdict(self.INVALID)
-        _, app, key_id, secret = parts
-        keys, from_cache = await self._keys(app)
-        if key_id not in keys and from_cache:  # a key created since the last read must work at once
-            keys, _ = await self._keys(app, fresh=True)
-        entry = keys.get(key_id)
-        if entry is None or not hmac.compare_digest(entry["sha256"], _digest(entry["salt"], secret)):
-            return Verdict(self.INVALID)
+        self._ensure_refresher()
+        known = self._verified.get(presented)
+        if known is not None:
+            app, verified_in, entry = known
+            keys, _ = await self._keys(app)
+            if keys is not verified_in:  # the file changed since: verify again against the new version
+                known = None
+        if known is None:
+            parts = presented.strip().split(".")
+            if len(parts) != 4 or parts[0] != _PREFIX or not _APP.match(parts[1]) or not _KEY_ID.match(parts[2]):
+                return Verdict(self.INVALID)
+            _, app, key_id, secret = parts
+            keys, from_cache = await self._keys(app)
+            if key_id not in keys and from_cache:  # a key created since the last read must work at once
+                keys, _ = await self._keys(app, fresh=True)
+            entry = keys.get(key_id)
+            if entry is None or not hmac.compare_digest(entry["sha256"], _digest(entry["salt"], secret)):
+                return Verdict(self.INVALID)
+            if len(self._verified) >= self._MAX_VERIFIED:
+                self._verified.clear()
+            self._verified[presented] = (app, keys, entry)
         record = entry["_record"]
         if record.revoked_at:
             return Verdict(self.REVOKED, record)
@@ -292,6 +313,21 @@ class KeyChecker:
         if not set(scopes) & set(record.scopes):
             return Verdict(self.SCOPE, record)
         return Verdict(self.OK, record)
+
+    def _ensure_refresher(self) -> None:
+        """Keep the cached files fresh from a background task (none when every check re-reads)."""
+        if self.recheck_s <= 0 or (self._refresher is not None and not self._refresher.done()):
+            return
+        self._refresher = asyncio.get_running_loop().create_task(self._refresh())
+
+    async def _refresh(self) -> None:
+        while True:
+            await asyncio.sleep(self.recheck_s / 2)
+            for app in list(self._cache):
+                try:
+                    await self._keys(app, fresh=True)
+                except Exception:  # a failing disk must not end the refresher; requests re-read inline
+                    pass
 
     async def _keys(self, app: str, fresh: bool = False) -> tuple[dict[str, dict[str, Any]], bool]:
         """(the app's keys by id, whether they came from the cache without touching the disk)."""

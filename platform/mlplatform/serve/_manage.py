@@ -62,7 +62,8 @@ def deploy(
 
 
 def status(*, cluster: str | None = None, address: str | None = None) -> dict[str, Any]:
-    """Per application: status, message and per-deployment status and replica counts."""
+    """Per application: status, message and per-deployment status, replica counts, and for model
+    deployments the variant served and why (`variant: auto`: the measured rows/s it chose by)."""
     from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
 
     details = ServeSubmissionClient(address or _dashboard(cluster)).get_serve_details()
@@ -71,11 +72,20 @@ def status(*, cluster: str | None = None, address: str | None = None) -> dict[st
         out[name] = {
             "status": app.get("status"), "message": app.get("message", ""), "route_prefix": app.get("route_prefix"),
             "deployments": {
-                d: {"status": info.get("status"), "replicas": len(info.get("replicas") or [])}
+                d: {"status": info.get("status"), "replicas": len(info.get("replicas") or []), **_variant(info)}
                 for d, info in (app.get("deployments") or {}).items()
             },
         }
     return out
+
+
+def _variant(info: dict[str, Any]) -> dict[str, Any]:
+    """The variant a model deployment (or a colocated ingress) runs and why: the app builder puts
+    them in the deployment's user_config (serve/_app.py `_resolve_auto`)."""
+    cfg = (info.get("deployment_config") or {}).get("user_config") or {}
+    if not isinstance(cfg, dict) or "variant" not in cfg:
+        return {}
+    return {k: cfg[k] for k in ("variant", "variant_reason", "ort_options") if k in cfg}
 
 
 def delete(app: str, *, cluster: str | None = None) -> None:

@@ -12,6 +12,7 @@ import json
 import logging
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +97,13 @@ class _Model:
         self._drift = self._drift_monitor(meta) if settings.get("drift_enabled") and layout.SAMPLE in files else None
         self._batched.set_max_batch_size(settings["max_batch_size"])
         self._batched.set_batch_wait_timeout_s(settings["batch_wait_timeout_s"])
+        # Opt-in (`cache.enabled`; 0 bytes: off): deterministic models only, see serve/_cache.py.
+        self._cache = None
+        if settings.get("cache_max_bytes"):
+            from mlplatform.serve._cache import ResponseCache
+
+            self._cache = ResponseCache(settings["cache_max_bytes"], settings["ref"], settings["variant"])
+            self._cache_gauge_at = 0.0
 
     def read(self, name: str) -> bytes:
         """One file of the version, from memory (encrypted version) or the fetched copy."""
@@ -112,10 +120,34 @@ class _Model:
         cols = layout.metadata_features(meta, table.column_names)
         self.features = cols
         ref = np.column_stack([table.column(c).to_numpy() for c in cols]).astype(np.float64)
-        return DriftMonitor(ref, self.s["drift_window_rows"])
+        return DriftMonitor(ref, self.s["drift_window_rows"], sample_rate=self.s.get("drift_sample_rate", 1.0))
 
     async def __call__(self, x: np.ndarray) -> dict[str, Any]:
-        return await self._batched(x)
+        if self._cache is None:
+            return await self._batched(x)
+        return await self._cached(x)
+
+    async def _cached(self, x: np.ndarray) -> dict[str, Any]:
+        """A hit skips the batch queue and the model (its answer says batch_rows 0); a miss fills the cache."""
+        key = self._cache.key(x)
+        out = self._cache.get(key)
+        if out is not None:
+            self._count_cache("hit")
+            return {"outputs": out, "batch_rows": 0, "task": self.task}
+        result = await self._batched(x)
+        self._cache.put(key, result["outputs"])
+        self._count_cache("miss")
+        return result
+
+    def _count_cache(self, result: str) -> None:
+        from mlplatform.serve._metrics import metrics
+
+        m = metrics()
+        m["cache"].inc(1, tags={**self._tags, "result": result})
+        now = time.monotonic()
+        if now - self._cache_gauge_at >= 1.0:  # a gauge is not buffered: set it at most once a second
+            self._cache_gauge_at = now
+            m["cache_bytes"].set(float(self._cache.bytes), tags=self._tags)
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005, batch_size_fn=_rows)
     async def _batched(self, xs: list[np.ndarray]) -> list[dict[str, Any]]:
@@ -146,28 +178,36 @@ class _Model:
     def _run(self, x: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
+    def reconfigure(self, config: dict[str, Any]) -> None:
+        """Serve's user_config: the variant, why it was chosen (`variant: auto`) and the ONNX Runtime
+        options, set by the app builder so that `mlplatform serve status` shows them."""
+        self.choice = dict(config or {})
+
     def info(self) -> dict[str, Any]:
         """What this replica serves (for status and tests)."""
         import ray
 
+        choice = getattr(self, "choice", {})
         return {"ref": self.s["ref"], "variant": self.s["variant"], "file": self.file,
-                "node_id": ray.get_runtime_context().get_node_id()}
+                "node_id": ray.get_runtime_context().get_node_id(),
+                "variant_reason": choice.get("variant_reason"), "ort_options": getattr(self, "ort_options", None)}
 
     def __del__(self):
         shutil.rmtree(getattr(self, "_work", ""), ignore_errors=True)
 
 
 class OnnxCpuModel(_Model):
-    """ONNX Runtime on CPU; intra-op threads = the replica's CPUs."""
+    """ONNX Runtime on CPU, session options tuned from the replica's CPUs (export._onnx.tuned_options)."""
 
     def __init__(self, settings: dict[str, Any]):
         super().__init__(settings)
         import onnxruntime as ort
 
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = max(1, int(settings["num_cpus"]))
-        options.inter_op_num_threads = 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        from mlplatform.export import session_options, tuned_options
+
+        # The same options the export benchmark measured with, so auto's numbers hold here.
+        self.ort_options = tuned_options(settings["num_cpus"])
+        options = session_options(self.ort_options)
         try:
             if self.memory is not None:  # ONNX Runtime builds the session from the decrypted bytes
                 model: str | bytes = self.memory[self.file]
