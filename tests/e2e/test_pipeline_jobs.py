@@ -8,7 +8,7 @@ import uuid
 
 import pytest
 
-from conftest import REPO, submit_job
+from conftest import REPO, job_placements, submit_job
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -76,24 +76,11 @@ def test_train_register_export_through_job_submit(three_region_cluster, restrict
 def ran_only_in_the_uae(cluster, run: str) -> None:
     """Issue 12's done-when: every actor and task of the submitted job, Ray Train's and Ray Data's
     own included, ran on a me-central-1 node, as Ray's state API reports it; the sweep agrees."""
-    import ray
-    from ray.util.state import list_actors, list_tasks
-
-    from mlplatform.cluster import connect, inventory
     from mlplatform.residency import audit
 
     trail = audit.default_path(cluster.name)
     job_id = next(r["job_id"] for r in audit.read(trail, "placement") if r.get("name") == run)
-    region_of = {n.node_id: n.labels["ray.io/availability-region"] for n in inventory(cluster.name)}
-    connect(cluster.name)
-    try:
-        job = [("job_id", "=", job_id)]
-        actors = list_actors(filters=job, detail=True, limit=10_000, raise_on_missing_output=False)
-        tasks = list_tasks(filters=job, detail=True, limit=10_000, raise_on_missing_output=False)
-    finally:
-        ray.shutdown()
-    placed = [(a.class_name, region_of[a.node_id]) for a in actors if a.node_id]
-    placed += [(t.name, region_of[t.node_id]) for t in tasks if t.node_id]
+    placed = job_placements(cluster, job_id)
     assert {"RayTrainWorker", "TrainController"} <= {name for name, _ in placed}, placed
     assert [p for p in placed if p[1] != "me-central-1"] == []
     swept = mlplatform("residency", "sweep", "--job", job_id, "--name", cluster.name)
